@@ -14,8 +14,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +34,8 @@ HEADLESS_ENV = {
     "CUDA_VISIBLE_DEVICES": "",
     "JAX_PLATFORMS": "cpu",
     "PYTHONUNBUFFERED": "1",
+    # Tests run in parallel (pytest -n): one math thread per process avoids oversubscribing cores.
+    "OMP_NUM_THREADS": "1",
     # The scripts print progress bars; keep them out of captured output where tqdm allows.
     "TQDM_MININTERVAL": "5",
 }
@@ -54,7 +56,9 @@ class ScriptResult:
     def run_dirs(self) -> list[Path]:
         """The run folders under runs/, oldest first."""
         runs = self.workdir / "runs"
-        return sorted((p for p in runs.iterdir() if p.is_dir()), key=os.path.getmtime) if runs.exists() else []
+        return (
+            sorted((p for p in runs.iterdir() if p.is_dir()), key=os.path.getmtime) if runs.exists() else []
+        )
 
     def checkpoints(self, pattern: str = "*.pt") -> list[Path]:
         """Checkpoint files written anywhere under runs/."""
@@ -79,7 +83,9 @@ def read_scalars(runs_dir: Path) -> dict[str, list[tuple[int, float]]]:
     scalars: dict[str, list[tuple[int, float]]] = defaultdict(list)
     if not runs_dir.exists():
         return {}
-    for event_file in sorted(runs_dir.rglob("events.out.tfevents.*"), key=lambda p: (p.stat().st_mtime, p.name)):
+    for event_file in sorted(
+        runs_dir.rglob("events.out.tfevents.*"), key=lambda p: (p.stat().st_mtime, p.name)
+    ):
         for event in EventFileLoader(str(event_file)).Load():
             for value in event.summary.value:
                 if value.HasField("simple_value"):
