@@ -1,0 +1,656 @@
+"""Tabular Q-learning on a discretised, vectorised CartPole-v1, in NumPy alone.
+
+Cuts each observation dimension into a few bins between clipping bounds (flags), keeps one
+Q-value per (cell, action) in a NumPy table, and learns it with the one-step Q-learning update
+r + gamma * max_a' Q(s', a') from many CartPole environments stepped together. Exploration is
+epsilon-greedy with a linear decay; the step size decays linearly too, so that the table settles
+instead of chasing the noise of a discretised, hence partly observed, state. An optional small
+experience replay re-applies the update to past transitions. Any gymnasium environment with a
+1-D Box observation and a Discrete action space works, given one bin count and one pair of bounds
+per observation dimension.
+
+Run:
+    python qlearning_cartpole.py                # train, evaluate, save runs/<run>/qlearning_cartpole.npz
+    python qlearning_cartpole.py --eval-checkpoint runs/<run>/qlearning_cartpole.npz --capture-video
+    tensorboard --logdir runs
+
+Expect: with the defaults and seed 1 the greedy policy averages about 499 of 500 over 100
+evaluation episodes after 2M environment steps (128 envs), about 15-25 s of training and about
+30 s in all on a 2-core laptop-class CPU, at roughly 100k steps/s and 500-1,000 episodes/s.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import random
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import tyro
+from tensorboard.compat.proto import event_pb2, summary_pb2
+from tensorboard.plugins.text.summary_v2 import text_pb
+from tensorboard.summary.writer import event_file_writer
+from tqdm import tqdm
+
+SCRIPT = Path(__file__).stem
+
+
+@dataclass
+class Args:
+    exp_name: str = SCRIPT
+    """name of this experiment (part of the run name and of the checkpoint file name)"""
+    seed: int = 1
+    """seed of random, NumPy and the environments"""
+    track: bool = False
+    """log the run to Weights & Biases (works offline with WANDB_MODE=offline)"""
+    wandb_project_name: str = "rl-scripts"
+    """the W&B project"""
+    wandb_entity: str | None = None
+    """the W&B entity (team or user); None uses your default"""
+    capture_video: bool = False
+    """record the evaluation episodes as mp4 under videos/<run_name>/"""
+    save_model: bool = True
+    """save the checkpoint runs/<run_name>/<exp_name>.npz (at the end, periodically, on Ctrl-C)"""
+    checkpoint_freq: int = 500_000
+    """also save a checkpoint every this many environment steps (0 disables periodic saves)"""
+    resume: str | None = None
+    """path of a checkpoint to continue training from"""
+    eval_checkpoint: str | None = None
+    """path of a checkpoint to evaluate for --eval-episodes episodes, then exit"""
+    eval_episodes: int = 10
+    """episodes of the final greedy evaluation (and of --eval-checkpoint)"""
+
+    env_id: str = "CartPole-v1"
+    """a gymnasium environment with a 1-D Box observation and a Discrete action space"""
+    total_timesteps: int = 2_000_000
+    """environment steps to train for (summed over the vectorised envs)"""
+    num_envs: int = 128
+    """environments stepped together (one NumPy call costs about the same for 1 or 128 envs)"""
+    bins: tuple[int, ...] = (3, 3, 8, 10)
+    """bins per observation dimension (CartPole: cart position, cart velocity, pole angle, pole
+    angular velocity)"""
+    obs_low: tuple[float, ...] = (-2.4, -1.5, -0.21, -1.5)
+    """lower clipping bound per observation dimension: anything below falls in the first bin"""
+    obs_high: tuple[float, ...] = (2.4, 1.5, 0.21, 1.5)
+    """upper clipping bound per observation dimension: anything above falls in the last bin"""
+    learning_rate: float = 0.5
+    """step size alpha of the Q update at the start (decayed linearly to --end-learning-rate)"""
+    end_learning_rate: float = 0.01
+    """step size alpha at the end of training"""
+    gamma: float = 0.99
+    """discount factor"""
+    start_epsilon: float = 1.0
+    """probability of a random action at the start"""
+    end_epsilon: float = 0.0
+    """probability of a random action after the exploration phase"""
+    exploration_fraction: float = 0.5
+    """fraction of --total-timesteps over which epsilon decays linearly from start to end"""
+    replay_size: int = 0
+    """capacity of an optional experience replay of past transitions (0 disables it)"""
+    replay_batch_size: int = 128
+    """transitions drawn from the replay and updated again after every vector step"""
+    log_freq: int = 10_000
+    """log learning rate, epsilon, SPS and TD statistics every this many environment steps"""
+
+    @property
+    def num_iterations(self) -> int:
+        return max(1, self.total_timesteps // self.num_envs)
+
+    @property
+    def num_states(self) -> int:
+        return int(np.prod(self.bins))
+
+
+# A bigger table would not fit in memory, and could never be filled with experience anyway.
+MAX_TABLE_CELLS = 50_000_000
+
+
+def fail(message: str) -> None:
+    """Report bad input as one line on stderr and exit with status 2 (no traceback)."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def validate(args: Args) -> None:
+    """Check every knob before any heavy work, so a typo costs a second, not a run."""
+    for name in ("total_timesteps", "num_envs", "eval_episodes", "replay_batch_size", "log_freq"):
+        if getattr(args, name) <= 0:
+            fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    for name in ("checkpoint_freq", "replay_size"):
+        if getattr(args, name) < 0:
+            fail(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    for name in ("learning_rate", "end_learning_rate"):
+        if not 0.0 < getattr(args, name) <= 1.0:
+            fail(f"--{name.replace('_', '-')} must be in (0, 1], got {getattr(args, name)}")
+    for name in ("gamma", "start_epsilon", "end_epsilon", "exploration_fraction"):
+        if not 0.0 <= getattr(args, name) <= 1.0:
+            fail(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}")
+    if 0 < args.replay_size < args.num_envs:
+        fail(
+            f"--replay-size {args.replay_size} cannot hold one step of {args.num_envs} envs; "
+            f"use 0 (no replay) or at least --num-envs"
+        )
+    if args.resume and args.eval_checkpoint:
+        fail("give either --resume or --eval-checkpoint, not both")
+    observation_dims = check_env(args.env_id)
+    if args.eval_checkpoint:
+        return  # the discretisation is the checkpoint's, not the flags'
+    if not len(args.bins) == len(args.obs_low) == len(args.obs_high):
+        fail(
+            f"--bins, --obs-low and --obs-high need one value per observation dimension; got "
+            f"{len(args.bins)}, {len(args.obs_low)} and {len(args.obs_high)} values"
+        )
+    if len(args.bins) != observation_dims:
+        fail(
+            f"{args.env_id} observations have {observation_dims} dimensions but --bins gives "
+            f"{len(args.bins)}; pass --bins, --obs-low and --obs-high with {observation_dims} values each"
+        )
+    if min(args.bins) < 1:
+        fail(f"--bins must all be positive, got {' '.join(map(str, args.bins))}")
+    for dim, (low, high) in enumerate(zip(args.obs_low, args.obs_high, strict=True)):
+        if not (np.isfinite(low) and np.isfinite(high) and low < high):
+            fail(f"dimension {dim}: --obs-low {low} must be finite and below --obs-high {high}")
+    cells = args.num_states * gym.make(args.env_id).action_space.n
+    if cells > MAX_TABLE_CELLS:
+        fail(f"a Q-table of {cells:,} cells is too large (at most {MAX_TABLE_CELLS:,}); use fewer --bins")
+
+
+def check_env(env_id: str) -> int:
+    """Fail with suggestions for an unknown id or unusable spaces; return the observation size."""
+    if env_id not in gym.registry:
+        close = difflib.get_close_matches(env_id, list(gym.registry), n=3, cutoff=0.5)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        fail(f"unknown environment id {env_id!r}{hint}")
+    env = gym.make(env_id)
+    observation_space, action_space = env.observation_space, env.action_space
+    env.close()
+    if not isinstance(action_space, gym.spaces.Discrete):
+        fail(f"{env_id} has a {type(action_space).__name__} action space; this script needs Discrete")
+    if not isinstance(observation_space, gym.spaces.Box) or len(observation_space.shape) != 1:
+        fail(f"{env_id} observations are {observation_space}; this script needs a 1-D Box")
+    return observation_space.shape[0]
+
+
+def make_envs(env_id: str, num_envs: int) -> gym.vector.VectorEnv:
+    """Vectorised envs with episode statistics, through the fastest implementation available.
+
+    CartPole has a pure-NumPy vector implementation (`vector_entry_point`) whose step costs about
+    the same for 1 or 128 envs, so many envs give many transitions per Python-level step; other
+    envs are stepped in a loop. Either way the env autoresets on the *next* step (gymnasium >=
+    1.0), which `main` masks out of the updates.
+    """
+    mode = "vector_entry_point" if gym.spec(env_id).vector_entry_point else "sync"
+    envs = gym.make_vec(env_id, num_envs=num_envs, vectorization_mode=mode)
+    return gym.wrappers.vector.RecordEpisodeStatistics(envs)
+
+
+class SummaryWriter:
+    """The two calls of torch's SummaryWriter this script needs, on tensorboard's own writer.
+
+    The event writer class is looked up when the writer is built, after `wandb.init`, so that
+    W&B's `sync_tensorboard` patch of that class sees the run folder.
+    """
+
+    def __init__(self, logdir: str):
+        self._writer = event_file_writer.EventFileWriter(logdir)
+
+    def _add(self, summary: summary_pb2.Summary, step: int) -> None:
+        self._writer.add_event(event_pb2.Event(wall_time=time.time(), step=step, summary=summary))
+
+    def add_scalar(self, tag: str, value: float, step: int) -> None:
+        value = summary_pb2.Summary.Value(tag=tag, simple_value=float(value))
+        self._add(summary_pb2.Summary(value=[value]), int(step))
+
+    def add_text(self, tag: str, text: str, step: int = 0) -> None:
+        self._add(text_pb(tag, text), step)
+
+    def close(self) -> None:
+        self._writer.close()
+
+
+def bin_edges(low: tuple[float, ...], high: tuple[float, ...], bins: tuple[int, ...]) -> list[np.ndarray]:
+    """Interior edges of `bins[d]` equal-width bins between `low[d]` and `high[d]`, per dimension.
+
+    Only the interior edges are kept: a value below the first one lands in bin 0 however far
+    below `low` it is, and one above the last lands in the last bin. That is the clipping, and it
+    matters for CartPole's velocities, which the observation space leaves unbounded.
+    """
+    return [np.linspace(lo, hi, n + 1)[1:-1] for lo, hi, n in zip(low, high, bins, strict=True)]
+
+
+def discretize(obs: np.ndarray, edges: list[np.ndarray], bins: tuple[int, ...]) -> np.ndarray:
+    """Map (N, D) observations to N flat cell indices of a table with `bins` cells per dimension.
+
+    In dimension d, a value x gets the number of interior edges e with e <= x: a value exactly on
+    an edge belongs to the bin above it. The per-dimension indices are flattened in C order.
+    """
+    per_dimension = [np.digitize(obs[:, d], edges[d]) for d in range(len(edges))]
+    return np.ravel_multi_index(per_dimension, bins)
+
+
+def linear_schedule(start: float, end: float, duration: float, t: float) -> float:
+    """`start` at t = 0, moving linearly to `end` at t = duration, then staying at `end`."""
+    if duration <= 0:
+        return end
+    return start + (end - start) * min(1.0, t / duration)
+
+
+def epsilon_greedy(q_values: np.ndarray, epsilon: float, rng: np.random.Generator) -> np.ndarray:
+    """For (N, A) action values: the greedy action, replaced by a uniform one with probability epsilon."""
+    greedy = q_values.argmax(axis=1)
+    explore = rng.random(len(q_values)) < epsilon
+    return np.where(explore, rng.integers(0, q_values.shape[1], len(q_values)), greedy)
+
+
+def q_learning_update(
+    q_table: np.ndarray,
+    states: np.ndarray,
+    actions: np.ndarray,
+    rewards: np.ndarray,
+    next_states: np.ndarray,
+    terminated: np.ndarray,
+    learning_rate: float,
+    gamma: float,
+) -> np.ndarray:
+    """Apply one Q-learning update to `q_table` (in place) from a batch of transitions.
+
+    target = r + gamma * max_a' Q(s', a'), without the second term where the episode
+    *terminated*: nothing follows a terminal state. A *truncated* episode (time limit) is not
+    terminal, and its caller passes the final observation as s', so it is bootstrapped from.
+    All targets are computed from the table before the update. Several transitions of one batch
+    can hit the same (s, a) cell (many envs pass through the upright state at once); summing
+    their updates would multiply the step size, so a cell hit k times moves towards the mean of
+    its targets by 1 - (1 - alpha)^k, which is exactly what k updates in a row would do if their
+    targets agreed. Returns the TD errors target - Q(s, a) of the transitions.
+    """
+    bootstrap = np.where(terminated, 0.0, q_table[next_states].max(axis=1))
+    targets = rewards + gamma * bootstrap
+    td_errors = targets - q_table[states, actions]
+    cells = states * q_table.shape[1] + actions
+    unique_cells, which, counts = np.unique(cells, return_inverse=True, return_counts=True)
+    mean_targets = np.bincount(which, weights=targets) / counts
+    flat = q_table.reshape(-1)  # a view: writing it writes the table
+    step = 1.0 - (1.0 - learning_rate) ** counts
+    flat[unique_cells] += step * (mean_targets - flat[unique_cells])
+    return td_errors
+
+
+def replay_update(q_table, replay, batch, args, learning_rate, rng) -> np.ndarray:
+    """Store the new transitions in the replay ring buffer, then update a uniform sample of it."""
+    keys = ("states", "actions", "rewards", "next_states", "terminated")
+    size, position = args.replay_size, int(replay["position"])
+    slots = (position + np.arange(len(batch[0]))) % size  # validate() keeps size >= num_envs
+    for key, values in zip(keys, batch, strict=True):
+        replay[key][slots] = values
+    replay["position"] = np.array((position + len(batch[0])) % size)
+    replay["count"] = np.array(min(size, int(replay["count"]) + len(batch[0])))
+    sample = rng.integers(0, int(replay["count"]), args.replay_batch_size)
+    replayed = [replay[key][sample] for key in keys]
+    return q_learning_update(q_table, *replayed, learning_rate, args.gamma)
+
+
+def greedy_action(q_table: np.ndarray, obs: np.ndarray, edges: list[np.ndarray], bins) -> int:
+    return int(q_table[discretize(obs[None], edges, bins)[0]].argmax())
+
+
+def evaluate(
+    q_table: np.ndarray,
+    edges: list[np.ndarray],
+    bins: tuple[int, ...],
+    env_id: str,
+    episodes: int,
+    seed: int,
+    video_folder: str | None = None,
+) -> np.ndarray:
+    """Run the greedy policy for `episodes` full episodes; return their undiscounted returns."""
+    env = gym.make(env_id, render_mode="rgb_array" if video_folder else None)
+    if video_folder:
+        env = gym.wrappers.RecordVideo(env, video_folder, episode_trigger=lambda _: True, disable_logger=True)
+    returns = []
+    for episode in range(episodes):
+        # Seed the first reset only: later episodes continue the env's random stream.
+        obs, _ = env.reset(seed=seed if episode == 0 else None)
+        episode_return, done = 0.0, False
+        while not done:
+            obs, reward, terminated, truncated, _ = env.step(greedy_action(q_table, obs, edges, bins))
+            episode_return += float(reward)
+            done = terminated or truncated
+        returns.append(episode_return)
+    env.close()
+    return np.array(returns)
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Write atomically: a crash mid-write leaves the previous checkpoint intact.
+
+    Only arrays, numbers and strings go in (the args as JSON text), so that loading needs no
+    pickle: `np.load(..., allow_pickle=False)` cannot run code hidden in a file.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + ".tmp")
+    with open(temporary, "wb") as file:
+        np.savez(file, **state)
+    os.replace(temporary, path)
+
+
+def load_checkpoint(path: str, env_id: str) -> dict:
+    """Load and check a checkpoint of this script for `env_id`; fail with one line otherwise."""
+    if not Path(path).is_file():
+        fail(f"checkpoint {path} does not exist")
+    try:
+        archive = np.load(path, allow_pickle=False)
+        if not isinstance(archive, np.lib.npyio.NpzFile):
+            fail(f"{path} is not a checkpoint of this project")
+        with archive:
+            arrays = {key: archive[key] for key in archive.files}
+    except (OSError, ValueError, EOFError, KeyError) as error:
+        fail(f"{path} is not a readable checkpoint ({type(error).__name__}); it may be truncated")
+    except Exception as error:  # zipfile.BadZipFile and friends from a damaged archive
+        fail(f"{path} is not a readable checkpoint ({type(error).__name__}); it may be truncated")
+    try:
+        checkpoint = {
+            "script": str(arrays["script"]),
+            "env_id": str(arrays["env_id"]),
+            "run_name": str(arrays["run_name"]),
+            "args": json.loads(str(arrays["args"])),
+            "global_step": int(arrays["global_step"]),
+            "iteration": int(arrays["iteration"]),
+            "q_table": arrays["q_table"],
+            "replay": {key[7:]: arrays[key] for key in arrays if key.startswith("replay_")},
+        }
+    except (KeyError, ValueError, TypeError):
+        fail(f"{path} is not a checkpoint of this project")
+    if checkpoint["script"] != SCRIPT:
+        fail(f"{path} was saved by {checkpoint['script']}.py, not {SCRIPT}.py")
+    if checkpoint["env_id"] != env_id:
+        fail(
+            f"{path} was saved for {checkpoint['env_id']}, not {env_id}; pass --env-id {checkpoint['env_id']}"
+        )
+    return checkpoint
+
+
+# Flags that may differ between a run and its resumption; every other setting must match the
+# checkpoint's, or the resumed run would silently be a different experiment.
+RESUME_MAY_CHANGE = {
+    "total_timesteps", "resume", "eval_checkpoint", "eval_episodes", "track",
+    "wandb_project_name", "wandb_entity", "capture_video", "save_model", "checkpoint_freq",
+    "log_freq",
+}  # fmt: skip
+
+
+def check_resume_args(args: Args, saved_args: dict) -> None:
+    current_args = json.loads(json.dumps(asdict(args)))  # tuples become lists, as saved
+    for name, saved in saved_args.items():
+        current = current_args.get(name, saved)
+        if name not in RESUME_MAY_CHANGE and current != saved:
+            flag = "--" + name.replace("_", "-")
+            fail(
+                f"{flag} is {current!r} but the checkpoint was trained with {saved!r}; resume with the same settings"
+            )
+
+
+def seed_everything(seed: int) -> np.random.Generator:
+    random.seed(seed)
+    np.random.seed(seed)
+    return np.random.default_rng(seed)
+
+
+def evaluate_checkpoint(args: Args) -> None:
+    """--eval-checkpoint: rebuild the discretisation from the saved args and run the greedy policy."""
+    checkpoint = load_checkpoint(args.eval_checkpoint, args.env_id)
+    saved = checkpoint["args"]
+    bins = tuple(saved["bins"])
+    q_table = checkpoint["q_table"]
+    num_actions = gym.make(args.env_id).action_space.n
+    if q_table.shape != (int(np.prod(bins)), num_actions):
+        fail(f"{args.eval_checkpoint} holds a Q-table of shape {q_table.shape}, not one for bins {bins}")
+    edges = bin_edges(saved["obs_low"], saved["obs_high"], bins)
+    run_name = checkpoint["run_name"]
+    video_folder = f"videos/{run_name}/eval-checkpoint" if args.capture_video else None
+    returns = evaluate(q_table, edges, bins, args.env_id, args.eval_episodes, args.seed, video_folder)
+    print(
+        f"eval: return {returns.mean():.2f} ± {returns.std():.2f} over {len(returns)} episodes"
+        f" ({args.eval_checkpoint})"
+    )
+
+
+class InterruptFlag:
+    """First Ctrl-C asks the loop to stop at the end of the iteration (and save); a second aborts."""
+
+    def __init__(self):
+        self.requested = False
+        signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print(
+            "\nstopping after this iteration (Ctrl-C again to abort without saving)",
+            file=sys.stderr,
+        )
+
+
+def main(args: Args) -> None:
+    validate(args)
+    if args.eval_checkpoint:
+        evaluate_checkpoint(args)
+        return
+
+    checkpoint = load_checkpoint(args.resume, args.env_id) if args.resume else None
+    if checkpoint is not None:
+        check_resume_args(args, checkpoint["args"])
+        run_name = checkpoint["run_name"]
+        start_iteration = checkpoint["iteration"] + 1
+        global_step = checkpoint["global_step"]
+    else:
+        run_name = f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+        start_iteration, global_step = 1, 0
+    run_dir = Path("runs") / run_name
+    checkpoint_path = run_dir / f"{args.exp_name}.npz"
+
+    if args.track:
+        import wandb
+
+        wandb.init(
+            project=args.wandb_project_name,
+            entity=args.wandb_entity,
+            sync_tensorboard=True,
+            config=vars(args),
+            name=run_name,
+            save_code=True,
+        )
+    writer = SummaryWriter(str(run_dir))
+    writer.add_text(
+        "hyperparameters",
+        "|param|value|\n|-|-|\n" + "\n".join(f"|{key}|{value}|" for key, value in vars(args).items()),
+    )
+
+    # A resumed run reseeds with an offset so it does not replay the random stream of its start.
+    seed = args.seed + (start_iteration - 1)
+    rng = seed_everything(seed)
+
+    envs = make_envs(args.env_id, args.num_envs)
+    num_actions = int(envs.single_action_space.n)
+    edges = bin_edges(args.obs_low, args.obs_high, args.bins)
+    # Zeros are a fair start for CartPole's +1 rewards: every tried action looks better than an
+    # untried one, and epsilon-greedy exploration, not optimism, visits the rest.
+    q_table = np.zeros((args.num_states, num_actions))
+    # The optional replay keeps discretised transitions in a ring buffer.
+    replay = {
+        "states": np.zeros(args.replay_size, dtype=np.int64),
+        "actions": np.zeros(args.replay_size, dtype=np.int64),
+        "rewards": np.zeros(args.replay_size),
+        "next_states": np.zeros(args.replay_size, dtype=np.int64),
+        "terminated": np.zeros(args.replay_size, dtype=bool),
+        "position": np.array(0),
+        "count": np.array(0),
+    }
+    if checkpoint is not None:
+        if checkpoint["q_table"].shape != q_table.shape:
+            fail(f"{args.resume} holds a Q-table of shape {checkpoint['q_table'].shape}, not {q_table.shape}")
+        q_table = checkpoint["q_table"].astype(np.float64)
+        if args.replay_size:
+            replay = checkpoint["replay"]
+
+    def training_state(iteration: int) -> dict:
+        return {
+            "script": SCRIPT,
+            "env_id": args.env_id,
+            "run_name": run_name,
+            "args": json.dumps(asdict(args)),
+            "global_step": global_step,
+            "iteration": iteration,
+            "q_table": q_table,
+            **{f"replay_{key}": value for key, value in replay.items() if args.replay_size},
+        }
+
+    obs, _ = envs.reset(seed=seed)
+    states = discretize(obs, edges, args.bins)
+    # True where the env's previous step ended an episode: its next step is the autoreset step.
+    next_is_autoreset = np.zeros(args.num_envs, dtype=bool)
+
+    recent_returns: list[float] = []
+    episodes = 0
+    td_squares, q_sum, td_count = 0.0, 0.0, 0
+    interrupt = InterruptFlag()
+    start_time = time.time()
+    start_step = global_step
+    progress = tqdm(
+        total=args.num_iterations * args.num_envs,
+        initial=global_step,
+        unit="step",
+        dynamic_ncols=True,
+    )
+    iteration = start_iteration - 1
+    for iteration in range(start_iteration, args.num_iterations + 1):
+        epsilon = linear_schedule(
+            args.start_epsilon,
+            args.end_epsilon,
+            args.exploration_fraction * args.total_timesteps,
+            global_step,
+        )
+        learning_rate = linear_schedule(
+            args.learning_rate, args.end_learning_rate, args.total_timesteps, global_step
+        )
+        global_step += args.num_envs
+
+        actions = epsilon_greedy(q_table[states], epsilon, rng)
+        obs, rewards, terminated, truncated, infos = envs.step(actions)
+        next_states = discretize(obs, edges, args.bins)
+        # Gymnasium >= 1.0 autoresets on the step *after* an episode ends: that step ignores the
+        # action and returns the reset observation with reward 0. It is not a transition, so it
+        # is left out of the update. The step that ends an episode does return the episode's
+        # final observation, so a truncated episode is bootstrapped from its real last state.
+        valid = ~next_is_autoreset
+        batch = (
+            states[valid],
+            actions[valid],
+            rewards[valid],
+            next_states[valid],
+            terminated[valid],
+        )
+        td_errors = q_learning_update(q_table, *batch, learning_rate, args.gamma)
+        q_sum += float(q_table[batch[0], batch[1]].sum())
+        if args.replay_size:
+            td_errors = np.concatenate(
+                [td_errors, replay_update(q_table, replay, batch, args, learning_rate, rng)]
+            )
+        next_is_autoreset = terminated | truncated
+        states = next_states
+        td_squares += float(np.square(td_errors).sum())
+        td_count += len(td_errors)
+
+        if "episode" in infos:
+            for env_index in np.flatnonzero(infos["_episode"]):
+                episode_return = float(infos["episode"]["r"][env_index])
+                writer.add_scalar("charts/episodic_return", episode_return, global_step)
+                writer.add_scalar(
+                    "charts/episodic_length", int(infos["episode"]["l"][env_index]), global_step
+                )
+                recent_returns.append(episode_return)
+                episodes += 1
+            recent_returns = recent_returns[-100:]
+
+        if not np.isfinite(td_squares):
+            nan_path = run_dir / f"{args.exp_name}_nan.npz"
+            save_checkpoint(nan_path, training_state(iteration))
+            progress.close()
+            print(
+                f"error: loss became non-finite at step {global_step}; state saved to {nan_path}",
+                file=sys.stderr,
+            )
+            sys.exit(1)
+
+        progress.update(args.num_envs)
+        last = iteration == args.num_iterations
+        if last or global_step // args.log_freq != (global_step - args.num_envs) // args.log_freq:
+            elapsed = time.time() - start_time
+            sps = int((global_step - start_step) / elapsed)
+            writer.add_scalar("charts/learning_rate", learning_rate, global_step)
+            writer.add_scalar("charts/epsilon", epsilon, global_step)
+            writer.add_scalar("charts/SPS", sps, global_step)
+            writer.add_scalar("losses/td_loss", td_squares / max(td_count, 1), global_step)
+            writer.add_scalar("losses/q_values", q_sum / max(td_count, 1), global_step)
+            td_squares, q_sum, td_count = 0.0, 0.0, 0
+            if recent_returns:
+                progress.set_postfix(
+                    sps=sps,
+                    eps_per_s=f"{episodes / elapsed:.0f}",
+                    ret=f"{np.mean(recent_returns):.1f}",
+                    refresh=False,
+                )
+
+        if (
+            args.save_model
+            and args.checkpoint_freq
+            and global_step // args.checkpoint_freq != (global_step - args.num_envs) // args.checkpoint_freq
+        ):
+            save_checkpoint(checkpoint_path, training_state(iteration))
+        if interrupt.requested:
+            break
+    progress.close()
+    envs.close()
+    train_time = time.time() - start_time
+
+    if args.save_model:
+        save_checkpoint(checkpoint_path, training_state(iteration))
+    if interrupt.requested:
+        writer.close()
+        where = (
+            f": checkpoint saved to {checkpoint_path} (continue with --resume {checkpoint_path})"
+            if args.save_model
+            else ""
+        )
+        print(f"interrupted at step {global_step}{where}", file=sys.stderr)
+        sys.exit(130)
+
+    video_folder = f"videos/{run_name}/eval" if args.capture_video else None
+    eval_returns = evaluate(
+        q_table, edges, args.bins, args.env_id, args.eval_episodes, args.seed + 10_000, video_folder
+    )
+    for episode, episode_return in enumerate(eval_returns):
+        writer.add_scalar("eval/episodic_return", episode_return, episode)
+    writer.close()
+    if args.track:
+        import wandb
+
+        wandb.finish()
+    elapsed = time.time() - start_time
+    saved = f"; checkpoint {checkpoint_path}" if args.save_model else ""
+    print(
+        f"done: {global_step} steps in {elapsed:.1f}s ({(global_step - start_step) / elapsed:.0f} steps/s, "
+        f"{episodes / train_time:.0f} episodes/s in training); eval return {eval_returns.mean():.2f} ± "
+        f"{eval_returns.std():.2f} over {len(eval_returns)} episodes{saved}"
+    )
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
