@@ -321,7 +321,8 @@ class Agent(nn.Module):
     def get_action_and_value(self, obs: torch.Tensor, action: torch.Tensor | None = None):
         """Sample an action (or score a given one): action, log-prob, entropy, value."""
         logits, value = self(obs)
-        distribution = Categorical(logits=logits)
+        # No argument validation: a diverged net must reach the loss check, not raise in here.
+        distribution = Categorical(logits=logits, validate_args=False)
         if action is None:
             action = distribution.sample()
         return action, distribution.log_prob(action), distribution.entropy(), value
@@ -836,7 +837,8 @@ def update(
         if args.target_kl is not None and stats["approx_kl"] > args.target_kl:
             break
     stats["clipfrac"] = torch.stack(clipfracs).mean().item()
-    stats["finite"] = True
+    # The last step may have broken the weights even though every loss was finite.
+    stats["finite"] = all(bool(torch.isfinite(parameter).all()) for parameter in agent.parameters())
     return stats
 
 

@@ -268,16 +268,34 @@ def test_non_finite_loss_stops_with_a_saved_state(run_script):
 
 
 @pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"num_minibatches": 7}, "does not divide"),
+        ({"total_timesteps": 0}, "must be positive"),
+        ({"num_envs": -1}, "must be positive"),
+        ({"gamma": 1.5}, "[0, 1]"),
+        ({"repeat_action_probability": 1.5}, "[0, 1]"),
+        ({"learning_rate": 0.0}, "must be positive"),
+        ({"resume": "a.pt", "eval_checkpoint": "b.pt"}, "not both"),
+    ],
+)
+def test_bad_args_fail_with_one_line(capsys, overrides, message):
+    with pytest.raises(SystemExit) as exit_info:
+        ppo_atari.validate(ppo_atari.Args(**overrides))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+
+
+@pytest.mark.parametrize(
     ("args", "message"),
     [
         (("--env-id", "CartPole-v1"), "is not an Atari game"),
         (("--env-id", "ALE/Pongg-v5", "--num-envs", "2"), "did you mean ALE/Pong-v5"),
-        (("--num-minibatches", "7"), "does not divide"),
-        (("--repeat-action-probability", "1.5"), "[0, 1]"),
         (("--eval-checkpoint", "missing.pt"), "does not exist"),
     ],
 )
-def test_bad_input_exits_2_with_one_line(run_script, args, message):
+def test_bad_input_through_the_cli_exits_2_with_one_line(run_script, args, message):
     result = run_script(SCRIPT, *args)
     assert result.returncode == 2, result.describe()
     lines = result.stderr.strip().splitlines()
