@@ -225,9 +225,7 @@ def check_env(env_id: str) -> None:
 @jax.jit
 def flatten_observation(obs: dict[str, jax.Array]) -> jax.Array:
     """Concatenate the dict's entries per drone, in gymnasium's (sorted) key order."""
-    return jnp.concatenate(
-        [obs[key].reshape(obs[key].shape[0], -1) for key in sorted(obs)], axis=-1
-    )
+    return jnp.concatenate([obs[key].reshape(obs[key].shape[0], -1) for key in sorted(obs)], axis=-1)
 
 
 @jax.jit
@@ -275,11 +273,7 @@ class DroneTask(VectorWrapper):
         info = {**info, "env_reward": reward}
         if self.has_trajectory:
             info["tracking_error"] = tracking_error(obs)
-        shaped = (
-            reward - self.attitude_coef * attitude_norm(obs["quat"])
-            if self.attitude_coef
-            else reward
-        )
+        shaped = reward - self.attitude_coef * attitude_norm(obs["quat"]) if self.attitude_coef else reward
         return flatten_observation(obs), shaped, terminated, truncated, info
 
 
@@ -340,9 +334,7 @@ def sync_envs(train_envs: NormalizeObservation, eval_envs: NormalizeObservation)
     eval_envs.update_stats = False
 
 
-def make_envs(
-    args: Args, num_envs: int, jax_device: str, torch_device: torch.device
-) -> NormalizeObservation:
+def make_envs(args: Args, num_envs: int, jax_device: str, torch_device: torch.device) -> NormalizeObservation:
     """All drones in one JAX simulation, seen from torch with normalised flat observations.
 
     crazyflow's envs are natively vectorised (`vector_entry_point`): one `step` advances every
@@ -366,10 +358,7 @@ def make_envs(
             )
         except (ValueError, TypeError) as error:
             fail(f"cannot build {args.env_id} with these settings: {error}")
-    if (
-        not isinstance(envs.single_action_space, gym.spaces.Box)
-        or len(envs.single_action_space.shape) != 1
-    ):
+    if not isinstance(envs.single_action_space, gym.spaces.Box) or len(envs.single_action_space.shape) != 1:
         fail(f"{args.env_id} actions are {envs.single_action_space}; this script needs a 1-D Box")
     if args.zero_yaw and envs.single_action_space.shape != (4,):
         fail(
@@ -389,9 +378,7 @@ def layer_init(layer: nn.Linear, gain: float = np.sqrt(2), bias: float = 0.0) ->
     return layer
 
 
-def gaussian_log_prob(
-    mean: torch.Tensor, log_std: torch.Tensor, action: torch.Tensor
-) -> torch.Tensor:
+def gaussian_log_prob(mean: torch.Tensor, log_std: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
     """Log-density of `action` under a diagonal Gaussian, summed over the action dimensions."""
     z = (action - mean) * torch.exp(-log_std)
     return (-0.5 * z.square() - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
@@ -475,8 +462,8 @@ def compute_gae(
     advantages = torch.zeros_like(rewards)
     next_advantage = torch.zeros_like(rewards[0])
     for t in reversed(range(num_steps)):
-        not_terminal = 1.0 - terminated[t].float()
-        continues = 1.0 - episode_ended[t].float()
+        not_terminal = 1.0 - terminated[t].to(rewards.dtype)
+        continues = 1.0 - episode_ended[t].to(rewards.dtype)
         delta = rewards[t] + gamma * values[t + 1] * not_terminal - values[t]
         next_advantage = delta + gamma * gae_lambda * continues * next_advantage
         advantages[t] = next_advantage
@@ -504,17 +491,13 @@ def ppo_loss(
     policy_loss = torch.max(unclipped, clipped).mean()
     if clip_vloss:
         values_clipped = old_values + (new_values - old_values).clamp(-clip_coef, clip_coef)
-        value_loss = (
-            0.5 * torch.max((new_values - returns) ** 2, (values_clipped - returns) ** 2).mean()
-        )
+        value_loss = 0.5 * torch.max((new_values - returns) ** 2, (values_clipped - returns) ** 2).mean()
     else:
         value_loss = 0.5 * ((new_values - returns) ** 2).mean()
     return policy_loss, value_loss, ratio
 
 
-def linear_schedule(
-    start: float, iteration: int, num_iterations: int, final_fraction: float = 0.0
-) -> float:
+def linear_schedule(start: float, iteration: int, num_iterations: int, final_fraction: float = 0.0) -> float:
     """Value at 1-based `iteration` of a linear decay from `start` to `final_fraction * start`."""
     return start * (1.0 - (1.0 - final_fraction) * (iteration - 1.0) / num_iterations)
 
@@ -525,6 +508,56 @@ def explained_variance(predictions: torch.Tensor, targets: torch.Tensor) -> floa
     if target_variance == 0:
         return float("nan")
     return float(1.0 - (targets - predictions).var() / target_variance)
+
+
+def update(agent, optimizer, args, b_obs, b_actions, b_logprobs, b_advantages, b_returns, b_values) -> dict:
+    """Several epochs of minibatch PPO over one rollout; returns the last epoch's statistics."""
+    batch = len(b_obs)
+    clipfracs = []
+    stats = {}
+    for _epoch in range(args.update_epochs):
+        permutation = torch.randperm(batch, device=b_obs.device)
+        for minibatch in permutation.tensor_split(args.num_minibatches):
+            _, new_logprob, entropy, new_value = agent.get_action_and_value(
+                b_obs[minibatch], b_actions[minibatch]
+            )
+            log_ratio = new_logprob - b_logprobs[minibatch]
+            advantages = b_advantages[minibatch]
+            if args.norm_adv and len(advantages) > 1:
+                advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+            policy_loss, value_loss, ratio = ppo_loss(
+                new_logprob, b_logprobs[minibatch], advantages, new_value, b_values[minibatch],
+                b_returns[minibatch], args.clip_coef, args.clip_vloss,
+            )  # fmt: skip
+            entropy_loss = entropy.mean()
+            loss = policy_loss - args.ent_coef * entropy_loss + args.vf_coef * value_loss
+            if not torch.isfinite(loss):
+                return {"finite": False}
+
+            optimizer.zero_grad()
+            loss.backward()
+            nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
+            optimizer.step()
+
+            with torch.no_grad():
+                # Schulman's estimators of KL(old || new): the second is unbiased, lower variance.
+                old_approx_kl = (-log_ratio).mean()
+                approx_kl = ((ratio - 1) - log_ratio).mean()
+                clipfracs.append(((ratio - 1.0).abs() > args.clip_coef).float().mean())
+            stats = {
+                "policy_loss": policy_loss.item(),
+                "value_loss": value_loss.item(),
+                "entropy": entropy_loss.item(),
+                "old_approx_kl": old_approx_kl.item(),
+                "approx_kl": approx_kl.item(),
+                "ratio_mean": ratio.mean().item(),
+                "ratio_max": ratio.max().item(),
+            }
+        if args.target_kl is not None and stats["approx_kl"] > args.target_kl:
+            break
+    stats["clipfrac"] = torch.stack(clipfracs).mean().item()
+    stats["finite"] = True
+    return stats
 
 
 # A camera looking along the y axis at the plane of the figure-eight (x-z, centred at 1 m height).
@@ -543,13 +576,9 @@ def render_frame(envs: VectorEnv, reference: np.ndarray | None) -> np.ndarray:
     if reference is not None and sim.viewer is not None:  # markers need the renderer to exist
         from crazyflow.sim.visualize import draw_line
 
-        draw_line(
-            sim, reference[::10], rgba=np.array([1.0, 0.0, 0.0, 1.0]), start_size=2.0, end_size=2.0
-        )
+        draw_line(sim, reference[::10], rgba=np.array([1.0, 0.0, 0.0, 1.0]), start_size=2.0, end_size=2.0)
     width, height = VIDEO_SIZE
-    return sim.render(
-        mode="rgb_array", world=0, width=width, height=height, cam_config=VIDEO_CAMERA
-    )
+    return sim.render(mode="rgb_array", world=0, width=width, height=height, cam_config=VIDEO_CAMERA)
 
 
 def save_flight(
@@ -627,14 +656,10 @@ def evaluate(
             flying &= ~(terminated | truncated)
         returns.append(episode_return)
         errors.append(
-            error_sum / length
-            if "tracking_error" in info
-            else torch.full_like(length, float("nan"))
+            error_sum / length if "tracking_error" in info else torch.full_like(length, float("nan"))
         )
     if video_folder is not None:
-        save_flight(
-            video_folder, frames, envs.unwrapped.freq / frame_stride, np.array(path), reference
-        )
+        save_flight(video_folder, frames, envs.unwrapped.freq / frame_stride, np.array(path), reference)
     return torch.cat(returns)[:episodes].cpu().numpy(), torch.cat(errors)[:episodes].cpu().numpy()
 
 
@@ -660,8 +685,7 @@ def load_checkpoint(path: str, env_id: str) -> dict:
         fail(f"{path} was saved by {checkpoint['script']}.py, not {SCRIPT}.py")
     if checkpoint["env_id"] != env_id:
         fail(
-            f"{path} was saved for {checkpoint['env_id']}, not {env_id}; "
-            f"pass --env-id {checkpoint['env_id']}"
+            f"{path} was saved for {checkpoint['env_id']}, not {env_id}; pass --env-id {checkpoint['env_id']}"
         )
     return checkpoint
 
@@ -669,7 +693,7 @@ def load_checkpoint(path: str, env_id: str) -> dict:
 def seed_everything(seed: int, torch_deterministic: bool) -> None:
     """Seed the Python, NumPy and torch generators (the simulation's JAX key is seeded at reset)."""
     random.seed(seed)
-    np.random.seed(seed)  # noqa: NPY002  (the global generator other libraries draw from)
+    np.random.seed(seed)
     torch.manual_seed(seed)
     torch.backends.cudnn.deterministic = torch_deterministic
     torch.backends.cudnn.benchmark = not torch_deterministic
@@ -700,6 +724,24 @@ def build_agent(envs: VectorEnv, hidden_size: int, device: torch.device) -> Agen
     return Agent(obs_dim, action_dim, hidden_size).to(device)
 
 
+# Flags that may differ between a run and its resumption; every other setting must match the
+# checkpoint's, or the resumed run would silently be a different experiment.
+RESUME_MAY_CHANGE = {
+    "total_timesteps", "resume", "eval_checkpoint", "eval_episodes", "n_eval_envs", "cuda", "track",
+    "wandb_project_name", "wandb_entity", "capture_video", "save_model", "checkpoint_freq",
+}  # fmt: skip
+
+
+def check_resume_args(args: Args, saved_args: dict) -> None:
+    for name, saved in saved_args.items():
+        current = getattr(args, name, saved)
+        if name not in RESUME_MAY_CHANGE and current != saved:
+            flag = "--" + name.replace("_", "-")
+            fail(
+                f"{flag} is {current!r} but the checkpoint was trained with {saved!r}; resume with the same settings"
+            )
+
+
 # The evaluation drones start from their own seed, the same after training and for a checkpoint.
 EVAL_SEED_OFFSET = 10_000
 
@@ -726,12 +768,8 @@ def evaluate_checkpoint(args: Args) -> None:
     envs.update_stats = False
     agent = build_agent(envs, saved["hidden_size"], device)
     agent.load_state_dict(checkpoint["model"])
-    video_folder = (
-        Path("videos") / checkpoint["run_name"] / "eval-checkpoint" if args.capture_video else None
-    )
-    returns, errors = evaluate(
-        agent, envs, args.eval_episodes, args.seed + EVAL_SEED_OFFSET, video_folder
-    )
+    video_folder = Path("videos") / checkpoint["run_name"] / "eval-checkpoint" if args.capture_video else None
+    returns, errors = evaluate(agent, envs, args.eval_episodes, args.seed + EVAL_SEED_OFFSET, video_folder)
     envs.close()
     print(f"eval: {eval_summary(returns, errors)} ({args.eval_checkpoint})")
 
@@ -761,13 +799,12 @@ def main(args: Args) -> None:
 
     checkpoint = load_checkpoint(args.resume, args.env_id) if args.resume else None
     if checkpoint is not None:
+        check_resume_args(args, checkpoint["args"])
         run_name = checkpoint["run_name"]
         start_iteration = checkpoint["iteration"] + 1
         global_step = checkpoint["global_step"]
     else:
-        run_name = (
-            f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"
-        )
+        run_name = f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"
         start_iteration, global_step = 1, 0
     run_dir = Path("runs") / run_name
     checkpoint_path = run_dir / f"{args.exp_name}.pt"
@@ -782,13 +819,11 @@ def main(args: Args) -> None:
             config=vars(args),
             name=run_name,
             save_code=True,
-            resume="allow" if checkpoint else None,
         )
     writer = SummaryWriter(str(run_dir))
     writer.add_text(
         "hyperparameters",
-        "|param|value|\n|-|-|\n"
-        + "\n".join(f"|{key}|{value}|" for key, value in vars(args).items()),
+        "|param|value|\n|-|-|\n" + "\n".join(f"|{key}|{value}|" for key, value in vars(args).items()),
     )
 
     # A resumed run reseeds with an offset so it does not replay the random stream of its start.
@@ -796,6 +831,10 @@ def main(args: Args) -> None:
     seed_everything(seed, args.torch_deterministic)
     device = pick_device(args.cuda)
     jax_device = pick_jax_device(device)
+    # A 64-unit MLP is too small to gain from intra-op threads: on the CPU their synchronisation
+    # costs more than the arithmetic (measured: one PPO update took 5 s with 1 thread, 41-77 s
+    # with 2 on a loaded 2-core machine). The simulation keeps JAX's own threads.
+    torch.set_num_threads(1)
 
     envs = make_envs(args, args.num_envs, jax_device, device)
     agent = build_agent(envs, args.hidden_size, device)
@@ -928,9 +967,7 @@ def main(args: Args) -> None:
         if finished:
             mean_return = float(finished_return / finished)
             writer.add_scalar("charts/episodic_return", mean_return, global_step)
-            writer.add_scalar(
-                "charts/episodic_length", float(finished_length / finished), global_step
-            )
+            writer.add_scalar("charts/episodic_length", float(finished_length / finished), global_step)
             recent_returns = (recent_returns + [mean_return])[-5:]
         # Reward and tracking error per valid step: steadier learning curves than the returns,
         # which arrive in bursts and lag the policy.
@@ -950,9 +987,7 @@ def main(args: Args) -> None:
             "ratio_max",
         ):
             writer.add_scalar(f"losses/{key}", stats[key], global_step)
-        writer.add_scalar(
-            "losses/explained_variance", explained_variance(b_values, b_returns), global_step
-        )
+        writer.add_scalar("losses/explained_variance", explained_variance(b_values, b_returns), global_step)
         if iteration % 10 == 1:
             writer.add_histogram("losses/advantages", b_advantages, global_step)
 
@@ -963,8 +998,7 @@ def main(args: Args) -> None:
         if (
             args.save_model
             and args.checkpoint_freq
-            and global_step // args.checkpoint_freq
-            != (global_step - args.batch_size) // args.checkpoint_freq
+            and global_step // args.checkpoint_freq != (global_step - args.batch_size) // args.checkpoint_freq
         ):
             save_checkpoint(checkpoint_path, training_state(iteration))
         if interrupt.requested:
@@ -1008,58 +1042,6 @@ def main(args: Args) -> None:
         f"({(global_step - start_step) / elapsed:.0f} steps/s); "
         f"eval {eval_summary(eval_returns, eval_errors)}{saved}"
     )
-
-
-def update(
-    agent, optimizer, args, b_obs, b_actions, b_logprobs, b_advantages, b_returns, b_values
-) -> dict:
-    """Several epochs of minibatch PPO over one rollout; returns the last epoch's statistics."""
-    batch = len(b_obs)
-    clipfracs = []
-    stats = {}
-    for _epoch in range(args.update_epochs):
-        permutation = torch.randperm(batch, device=b_obs.device)
-        for minibatch in permutation.tensor_split(args.num_minibatches):
-            _, new_logprob, entropy, new_value = agent.get_action_and_value(
-                b_obs[minibatch], b_actions[minibatch]
-            )
-            log_ratio = new_logprob - b_logprobs[minibatch]
-            advantages = b_advantages[minibatch]
-            if args.norm_adv and len(advantages) > 1:
-                advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
-            policy_loss, value_loss, ratio = ppo_loss(
-                new_logprob, b_logprobs[minibatch], advantages, new_value, b_values[minibatch],
-                b_returns[minibatch], args.clip_coef, args.clip_vloss,
-            )  # fmt: skip
-            entropy_loss = entropy.mean()
-            loss = policy_loss - args.ent_coef * entropy_loss + args.vf_coef * value_loss
-            if not torch.isfinite(loss):
-                return {"finite": False}
-
-            optimizer.zero_grad()
-            loss.backward()
-            nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
-            optimizer.step()
-
-            with torch.no_grad():
-                # Schulman's estimators of KL(old || new): the second is unbiased, lower variance.
-                old_approx_kl = (-log_ratio).mean()
-                approx_kl = ((ratio - 1) - log_ratio).mean()
-                clipfracs.append(((ratio - 1.0).abs() > args.clip_coef).float().mean())
-            stats = {
-                "policy_loss": policy_loss.item(),
-                "value_loss": value_loss.item(),
-                "entropy": entropy_loss.item(),
-                "old_approx_kl": old_approx_kl.item(),
-                "approx_kl": approx_kl.item(),
-                "ratio_mean": ratio.mean().item(),
-                "ratio_max": ratio.max().item(),
-            }
-        if args.target_kl is not None and stats["approx_kl"] > args.target_kl:
-            break
-    stats["clipfrac"] = torch.stack(clipfracs).mean().item()
-    stats["finite"] = True
-    return stats
 
 
 if __name__ == "__main__":

@@ -1,0 +1,421 @@
+"""Tests of ppo_drone.py: pure parts against slow references, the env plumbing, then the real CLI.
+
+Every new number of drones costs crazyflow a JAX compilation of several seconds, so the CLI runs
+share a persistent JAX compilation cache (outside the repository) and are few, each checking
+several things.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT))
+import ppo_drone  # noqa: E402
+
+SCRIPT = "ppo_drone.py"
+SHAPE = ("--num-envs", "32", "--num-steps", "8", "--num-minibatches", "4", "--update-epochs", "2")
+EVAL = ("--n-eval-envs", "4", "--eval-episodes", "3", "--max-episode-time", "0.5")
+TINY = ("--total-timesteps", "512", *SHAPE, *EVAL)  # two iterations of 32 drones x 8 steps
+
+
+@pytest.fixture(scope="session")
+def jax_cache(tmp_path_factory):
+    """Environment variables giving every CLI run one persistent JAX compilation cache."""
+    return {
+        "JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("jax-cache")),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+    }
+
+
+# --- GAE -------------------------------------------------------------------------------------
+
+
+def reference_gae(rewards, values, terminated, truncated, gamma, lam):
+    """Slow, literal GAE for ONE environment's rollout, episode by episode.
+
+    `values[t]` is V(obs_t) for t = 0..T (obs_T follows the last step). With next-step autoreset,
+    after a step that ends an episode the next row is the autoreset step: it is not a transition,
+    and its advantage is returned as NaN.
+    A_t = sum_k (gamma * lam)^k * delta_{t+k}, summed until (and including) the step that ends the
+    episode or the rollout, where delta_j = r_j + gamma * V(obs_{j+1}) * [not terminated_j] - V(obs_j).
+    """
+    steps = len(rewards)
+    advantages = [float("nan")] * steps
+    for t in range(steps):
+        if t > 0 and (terminated[t - 1] or truncated[t - 1]):
+            continue  # the autoreset step
+        total, discount = 0.0, 1.0
+        for j in range(t, steps):
+            bootstrap = 0.0 if terminated[j] else gamma * values[j + 1]
+            total += discount * (rewards[j] + bootstrap - values[j])
+            if terminated[j] or truncated[j]:
+                break
+            discount *= gamma * lam
+        advantages[t] = total
+    return advantages
+
+
+def test_compute_gae_matches_slow_reference_with_termination_truncation_and_autoreset():
+    generator = np.random.default_rng(0)
+    steps, envs, gamma, lam = 40, 5, 0.9, 0.95
+    rewards = generator.normal(size=(steps, envs))
+    values = generator.normal(size=(steps + 1, envs))
+    terminated = generator.random((steps, envs)) < 0.08
+    truncated = (generator.random((steps, envs)) < 0.08) & ~terminated
+    terminated[5, 0], truncated[9, 1], truncated[steps - 1, 2], terminated[steps - 1, 3] = (
+        True,
+        True,
+        True,
+        True,
+    )
+    ended = terminated | truncated
+    # crazyflow's autoreset step carries a plausible reward (not 0): it must not leak anywhere.
+    rewards[1:][ended[:-1]] = 0.7
+
+    advantages, returns = ppo_drone.compute_gae(
+        torch.tensor(rewards), torch.tensor(values), torch.tensor(terminated), torch.tensor(ended), gamma, lam
+    )
+    for env in range(envs):
+        expected = reference_gae(
+            rewards[:, env], values[:, env], terminated[:, env], truncated[:, env], gamma, lam
+        )
+        real_steps = ~np.isnan(expected)
+        np.testing.assert_allclose(
+            advantages[:, env].numpy()[real_steps], np.array(expected)[real_steps], rtol=1e-10
+        )
+    np.testing.assert_allclose(returns.numpy(), advantages.numpy() + values[:-1], rtol=1e-10)
+
+
+def test_compute_gae_bootstraps_truncation_but_not_termination():
+    rewards = torch.tensor([[1.0], [1.0], [0.6]])  # the last row is the autoreset step
+    values = torch.tensor([[0.5], [0.6], [10.0], [0.3]])  # V(final obs of the episode) = 10
+    ended = torch.tensor([[False], [True], [False]])
+    gamma, lam = 0.9, 0.95
+    truncated_adv, _ = ppo_drone.compute_gae(rewards, values, torch.zeros_like(ended), ended, gamma, lam)
+    delta1 = 1.0 + gamma * 10.0 - 0.6
+    delta0 = 1.0 + gamma * 0.6 - 0.5
+    assert truncated_adv[1, 0].item() == pytest.approx(delta1)
+    assert truncated_adv[0, 0].item() == pytest.approx(delta0 + gamma * lam * delta1)
+    terminated_adv, _ = ppo_drone.compute_gae(rewards, values, ended, ended, gamma, lam)
+    assert terminated_adv[1, 0].item() == pytest.approx(1.0 - 0.6)
+    assert terminated_adv[0, 0].item() == pytest.approx(delta0 + gamma * lam * (1.0 - 0.6))
+
+
+# --- Gaussian policy, losses, schedules ---------------------------------------------------------
+
+
+def test_gaussian_log_prob_and_entropy_match_torch_distributions():
+    generator = torch.Generator().manual_seed(0)
+    mean = torch.randn(64, 4, generator=generator, dtype=torch.float64)
+    log_std = torch.randn(4, generator=generator, dtype=torch.float64) * 0.5
+    action = torch.randn(64, 4, generator=generator, dtype=torch.float64) * 2
+    reference = torch.distributions.Normal(mean, log_std.exp())
+    np.testing.assert_allclose(
+        ppo_drone.gaussian_log_prob(mean, log_std.expand_as(mean), action).numpy(),
+        reference.log_prob(action).sum(-1).numpy(),
+        rtol=1e-12,
+    )
+    np.testing.assert_allclose(
+        ppo_drone.gaussian_entropy(log_std.expand_as(mean)).numpy(),
+        reference.entropy().sum(-1).numpy(),
+        rtol=1e-12,
+    )
+    # A literal formula for one number, in case both implementations share a mistake.
+    m, s, a = 0.3, 0.5, 1.1
+    expected = -((a - m) ** 2) / (2 * s * s) - math.log(s) - 0.5 * math.log(2 * math.pi)
+    got = ppo_drone.gaussian_log_prob(torch.tensor([[m]]), torch.tensor([[math.log(s)]]), torch.tensor([[a]]))
+    assert got.item() == pytest.approx(expected)
+
+
+def test_agent_samples_around_its_mean_and_scores_its_samples():
+    torch.manual_seed(0)
+    agent = ppo_drone.Agent(43, 4)
+    obs = torch.randn(4096, 43)
+    action, logprob, entropy, value = agent.get_action_and_value(obs)
+    mean = agent.deterministic_action(obs)
+    assert mean.abs().max().item() < 0.1  # the 0.01-gain output layer
+    assert action.shape == (4096, 4) and value.shape == (4096,) and entropy.shape == (4096,)
+    assert (action - mean).std().item() == pytest.approx(1.0, abs=0.03)  # log-std starts at 0
+    _, rescored, _, _ = agent.get_action_and_value(obs, action)
+    torch.testing.assert_close(rescored, logprob)
+
+
+def test_ppo_loss_clips_policy_and_value_terms():
+    clip = 0.25
+    ratios = torch.tensor([1.1, 1.5, 0.5, 1.1, 1.5, 0.5])
+    advantages = torch.tensor([1.0, 1.0, 1.0, -1.0, -1.0, -1.0])
+    new_values = torch.tensor([0.0, 1.0, 2.0, 3.0, 4.0, 5.0])
+    old_values = torch.tensor([0.5, 0.5, 0.5, 3.5, 3.9, 5.0])
+    returns = torch.ones(6)
+    policy_loss, value_loss, _ = ppo_drone.ppo_loss(
+        ratios.log(), torch.zeros(6), advantages, new_values, old_values, returns, clip, clip_vloss=True
+    )
+    expected = [
+        -min(r * a, min(max(r, 1 - clip), 1 + clip) * a)
+        for r, a in zip(ratios.tolist(), advantages.tolist(), strict=True)
+    ]
+    assert policy_loss.item() == pytest.approx(sum(expected) / 6)
+    expected_v = []
+    for v, v_old, g in zip(new_values.tolist(), old_values.tolist(), returns.tolist(), strict=True):
+        v_clipped = v_old + min(max(v - v_old, -clip), clip)
+        expected_v.append(0.5 * max((v - g) ** 2, (v_clipped - g) ** 2))
+    assert value_loss.item() == pytest.approx(sum(expected_v) / 6)
+
+
+def test_linear_schedule_decays_to_the_final_fraction():
+    assert ppo_drone.linear_schedule(1.0, 1, 4, 0.2) == 1.0
+    # The course's decay lr * (1 - 0.8 * progress), progress = (iteration - 1) / iterations.
+    assert ppo_drone.linear_schedule(1.5e-3, 61, 61, 0.2) == pytest.approx(1.5e-3 * (1 - 0.8 * 60 / 61))
+    assert ppo_drone.linear_schedule(1.0, 4, 4) == pytest.approx(0.25)
+
+
+def test_update_mean_var_matches_numpy_over_many_batches():
+    generator = np.random.default_rng(1)
+    batches = [generator.normal(3.0, 2.0, size=(n, 5)) for n in (7, 64, 1, 300)]
+    mean, var, count = torch.zeros(5, dtype=torch.float64), torch.ones(5, dtype=torch.float64), 1e-4
+    for batch in batches:
+        mean, var, count = ppo_drone.update_mean_var(mean, var, count, torch.tensor(batch))
+    everything = np.concatenate(batches)
+    # The prior (mean 0, var 1, count 1e-4) shifts the result by about 1e-4 / 372 relative.
+    np.testing.assert_allclose(mean.numpy(), everything.mean(0), rtol=1e-5)
+    np.testing.assert_allclose(var.numpy(), everything.var(0), rtol=1e-5)
+    assert count == pytest.approx(len(everything) + 1e-4)
+
+
+def test_attitude_norm_is_the_rotation_angle_about_one_axis():
+    for axis in range(3):
+        for angle in (0.0, 0.3, -1.2):
+            quat = np.zeros((1, 4), dtype=np.float32)  # scalar-last (x, y, z, w)
+            quat[0, axis], quat[0, 3] = math.sin(angle / 2), math.cos(angle / 2)
+            assert float(ppo_drone.attitude_norm(quat)[0]) == pytest.approx(abs(angle), abs=1e-5)
+
+
+# --- the environment plumbing (one small simulation shared by these tests) ------------------
+
+
+@pytest.fixture(scope="module")
+def small_envs():
+    args = ppo_drone.Args(env_freq=50, attitude_coef=0.08)
+    return ppo_drone.make_envs(args, 4, "cpu", torch.device("cpu"))
+
+
+def test_observation_is_the_flattened_dict_in_gymnasium_order(small_envs):
+    import gymnasium as gym
+
+    task = small_envs.env.env  # NormalizeObservation -> JaxToTorch -> DroneTask
+    base = task.env
+    raw_obs, _ = base.reset(seed=3)
+    flat = np.asarray(ppo_drone.flatten_observation(raw_obs))
+    for row in range(4):
+        expected = gym.spaces.flatten(
+            base.single_observation_space, {k: np.asarray(v[row]) for k, v in raw_obs.items()}
+        )
+        np.testing.assert_array_equal(flat[row], expected)
+    assert small_envs.single_observation_space.shape == (43,)
+
+
+def test_crazyflow_autoresets_on_the_next_step_without_a_done_flag(small_envs):
+    """The behaviour the rollout masking relies on, checked on the real simulator."""
+    small_envs.update_stats = False
+    small_envs.reset(seed=0)
+    sink = torch.tensor([[0.0, 0.0, 0.0, -1.0]]).repeat(4, 1)  # minimum thrust: every drone falls
+    for _ in range(200):
+        _, reward, terminated, truncated, info = small_envs.step(sink)
+        if terminated.any():
+            break
+    assert terminated.any() and not truncated.any()
+    crashed = terminated.nonzero()[0, 0]
+    assert info["env_reward"][crashed].item() == -1.0
+    assert torch.all(info["tracking_error"] >= 0)
+    _, reward, terminated, truncated, info = small_envs.step(sink)
+    # The autoreset step: no flag, a plausible positive reward, a fresh start near (0, 0, 1.2).
+    assert not terminated[crashed] and not truncated[crashed]
+    assert 0.0 < info["env_reward"][crashed].item() <= 1.0
+    position = small_envs.unwrapped.sim.data.states.pos[int(crashed), 0]
+    assert abs(float(position[0])) <= 0.1 and 1.1 <= float(position[2]) <= 1.3
+
+
+def test_normalisation_stats_round_trip_through_a_checkpoint_and_sync_to_eval_envs(small_envs, tmp_path):
+    small_envs.update_stats = True
+    small_envs.reset(seed=1)
+    for _ in range(5):
+        small_envs.step(torch.zeros(4, 4))
+    state = small_envs.state_dict()
+    assert state["count"] > 20 and not torch.allclose(state["mean"], torch.zeros(43))
+    torch.save({"obs_rms": state}, tmp_path / "c.pt")
+    loaded = torch.load(tmp_path / "c.pt", weights_only=True)["obs_rms"]
+    torch.testing.assert_close(loaded["mean"], state["mean"])
+    torch.testing.assert_close(loaded["var"], state["var"])
+
+    # A second normaliser around the same simulation stands in for the evaluation envs.
+    eval_envs = ppo_drone.NormalizeObservation(small_envs.env, torch.device("cpu"))
+    ppo_drone.sync_envs(small_envs, eval_envs)
+    assert not eval_envs.update_stats
+    torch.testing.assert_close(eval_envs.mean, small_envs.mean)
+    assert eval_envs.count == small_envs.count
+    # Frozen statistics do not move, and the normalised observation uses them.
+    before = small_envs.mean.clone()
+    ppo_drone.sync_envs(small_envs, small_envs)
+    obs, *_ = small_envs.step(torch.zeros(4, 4))
+    torch.testing.assert_close(small_envs.mean, before)
+    raw = torch.randn(4, 43)
+    torch.testing.assert_close(small_envs.normalize(raw), (raw - before) / torch.sqrt(small_envs.var + 1e-8))
+    torch.testing.assert_close(small_envs.mean, before)
+
+
+# --- bad input (in-process: validation runs before anything heavy) --------------------------
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"env_id": "NoSuchEnv-v0"}, "unknown environment id"),
+        ({"env_id": "DroneFigureEightTrajectry-v0"}, "did you mean DroneFigureEightTrajectory-v0"),
+        ({"env_id": "CartPole-v1"}, "is not a crazyflow environment"),
+        ({"num_minibatches": 7}, "does not divide"),
+        ({"total_timesteps": 0}, "must be positive"),
+        ({"num_envs": -1}, "must be positive"),
+        ({"n_eval_envs": 0}, "must be positive"),
+        ({"gamma": 1.5}, "[0, 1]"),
+        ({"gae_lambda": -0.1}, "[0, 1]"),
+        ({"lr_final_fraction": 2.0}, "[0, 1]"),
+        ({"learning_rate": 0.0}, "must be positive"),
+        ({"env_freq": 7}, "must divide the simulation's 500 Hz"),
+        ({"attitude_coef": -1.0}, "must be >= 0"),
+        ({"target_kl": 0.0}, "must be positive"),
+    ],
+)
+def test_validate_rejects_bad_args_with_one_line(capsys, overrides, message):
+    with pytest.raises(SystemExit) as exit_info:
+        ppo_drone.validate(ppo_drone.Args(**overrides))
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
+
+
+def test_bad_checkpoints_are_refused_with_one_line(capsys, tmp_path):
+    torch.save({"script": "ppo_drone", "env_id": "DroneFigureEightTrajectory-v0"}, tmp_path / "good.pt")
+    data = (tmp_path / "good.pt").read_bytes()
+    (tmp_path / "truncated.pt").write_bytes(data[: len(data) // 2])
+    (tmp_path / "text.pt").write_text("not a checkpoint")
+    torch.save([1, 2, 3], tmp_path / "list.pt")
+    torch.save({"script": "ppo_cartpole", "env_id": "CartPole-v1"}, tmp_path / "other.pt")
+    torch.save({"script": "ppo_drone", "env_id": "DroneReachPos-v0"}, tmp_path / "reach.pt")
+    cases = {
+        "missing.pt": "does not exist",
+        "truncated.pt": "not a readable checkpoint",
+        "text.pt": "not a readable checkpoint",
+        "list.pt": "not a checkpoint of this project",
+        "other.pt": "saved by ppo_cartpole.py",
+        "reach.pt": "pass --env-id DroneReachPos-v0",
+    }
+    for name, message in cases.items():
+        with pytest.raises(SystemExit) as exit_info:
+            ppo_drone.load_checkpoint(str(tmp_path / name), "DroneFigureEightTrajectory-v0")
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert exit_info.value.code == 2 and len(lines) == 1 and message in lines[0], (name, lines)
+    assert (
+        ppo_drone.load_checkpoint(str(tmp_path / "good.pt"), "DroneFigureEightTrajectory-v0")["script"]
+        == "ppo_drone"
+    )
+
+
+# --- the CLI ---------------------------------------------------------------------------------
+
+EVAL_LINE = re.compile(r"return (-?[\d.]+) ± ([\d.]+) over (\d+) episodes, tracking error ([\d.]+) m")
+
+
+def test_train_track_video_then_evaluate_the_checkpoint_the_same(run_script, jax_cache):
+    trained = run_script(SCRIPT, *TINY, "--track", "--capture-video", env=jax_cache)
+    assert trained.returncode == 0, trained.describe()
+    for key in (
+        "charts/episodic_return", "charts/episodic_length", "charts/learning_rate", "charts/SPS",
+        "charts/reward_per_step", "charts/tracking_error", "losses/policy_loss", "losses/value_loss",
+        "losses/entropy", "losses/approx_kl", "losses/old_approx_kl", "losses/clipfrac",
+        "losses/explained_variance", "losses/ratio_mean", "losses/ratio_max", "eval/episodic_return",
+        "eval/tracking_error",
+    ):  # fmt: skip
+        assert key in trained.scalars, f"{key} not logged"
+    assert trained.steps("charts/SPS") == [256, 512]
+    assert len(trained.values("eval/episodic_return")) == 3
+    # 0.5 s episodes at 50 Hz: at most 25 steps, each rewarded at most 1.
+    assert all(-1.0 <= r <= 25.0 for r in trained.values("eval/episodic_return"))
+    assert list((trained.workdir / "wandb").glob("offline-run-*")), "no offline W&B run"
+    videos = list((trained.workdir / "videos").rglob("flight.mp4"))
+    plots = list((trained.workdir / "videos").rglob("flight.png"))
+    assert len(videos) == 1 and videos[0].stat().st_size > 1000 and len(plots) == 1
+    (checkpoint,) = trained.checkpoints()
+    state = torch.load(checkpoint, weights_only=True)
+    assert state["script"] == "ppo_drone" and state["global_step"] == 512 and state["iteration"] == 2
+    assert state["obs_rms"]["mean"].shape == (43,) and state["obs_rms"]["count"] > 512
+    done = trained.stdout.strip().splitlines()[-1]
+    assert done.startswith("done: 512 steps"), done
+
+    evaluated = run_script(SCRIPT, "--eval-checkpoint", str(checkpoint), *EVAL, env=jax_cache)
+    assert evaluated.returncode == 0, evaluated.describe()
+    line = evaluated.stdout.strip().splitlines()[-1]
+    assert line.startswith("eval: return ") and "over 3 episodes" in line, line
+    # Same seed, same frozen statistics from the checkpoint: the same flights as after training.
+    assert EVAL_LINE.search(line).groups() == EVAL_LINE.search(done).groups(), (line, done)
+
+
+def test_same_seed_gives_identical_logged_numbers(tmp_path, jax_cache):
+    from conftest import run_script_in
+
+    first = run_script_in(tmp_path / "a", SCRIPT, *TINY, "--no-save-model", env=jax_cache)
+    second = run_script_in(tmp_path / "b", SCRIPT, *TINY, "--no-save-model", env=jax_cache)
+    assert first.returncode == 0 and second.returncode == 0, first.describe() + second.describe()
+    for key in ("charts/reward_per_step", "losses/policy_loss", "losses/value_loss", "eval/episodic_return"):
+        assert first.scalars[key] == second.scalars[key], key
+    third = run_script_in(tmp_path / "c", SCRIPT, *TINY, "--no-save-model", "--seed", "2", env=jax_cache)
+    assert third.scalars["losses/policy_loss"] != first.scalars["losses/policy_loss"]
+
+
+def test_ctrl_c_saves_a_checkpoint_that_resumes_to_the_full_budget(run_script, jax_cache):
+    budget = ("--total-timesteps", "8192", *SHAPE, *EVAL, "--checkpoint-freq", "256")
+
+    def first_checkpoint_written(workdir):
+        return any(workdir.glob("runs/*/ppo_drone.pt"))
+
+    interrupted = run_script(SCRIPT, *budget, interrupt_when=first_checkpoint_written, env=jax_cache)
+    assert interrupted.returncode == 130, interrupted.describe()
+    assert "interrupted at step" in interrupted.stderr and "Traceback" not in interrupted.stderr
+    (checkpoint,) = interrupted.checkpoints()
+    step = torch.load(checkpoint, weights_only=True)["global_step"]
+    assert 0 < step < 8192, "the run finished before Ctrl-C: make the budget larger"
+
+    changed = run_script(SCRIPT, *budget, "--gamma", "0.99", "--resume", str(checkpoint), env=jax_cache)
+    assert (
+        changed.returncode == 2
+        and "--gamma is 0.99 but the checkpoint was trained with 0.9" in changed.stderr
+    )
+
+    resumed = run_script(SCRIPT, *budget, "--resume", str(checkpoint), env=jax_cache)
+    assert resumed.returncode == 0, resumed.describe()
+    assert resumed.checkpoints() == [checkpoint]
+    state = torch.load(checkpoint, weights_only=True)
+    assert state["global_step"] == 8192 and state["iteration"] == 32
+    assert resumed.steps("charts/SPS")[-1] == 8192
+
+
+def test_non_finite_loss_stops_with_a_saved_state(run_script, jax_cache):
+    result = run_script(
+        SCRIPT, *TINY, "--learning-rate", "1e30", "--no-anneal-lr", "--max-grad-norm", "1e30", env=jax_cache
+    )
+    assert result.returncode == 1, result.describe()
+    assert "loss became non-finite at step" in result.stderr
+    assert result.checkpoints("*_nan.pt")
+
+
+def test_bad_input_through_the_real_cli(run_script):
+    result = run_script(SCRIPT, "--env-id", "DroneFigureEight-v0")
+    assert result.returncode == 2, result.describe()
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "did you mean DroneFigureEightTrajectory-v0" in lines[0], result.stderr
