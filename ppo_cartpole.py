@@ -405,6 +405,24 @@ def load_checkpoint(path: str, env_id: str) -> dict:
     return checkpoint
 
 
+# Flags that may differ between a run and its resumption; every other setting must match the
+# checkpoint's, or the resumed run would silently be a different experiment.
+RESUME_MAY_CHANGE = {
+    "total_timesteps", "resume", "eval_checkpoint", "eval_episodes", "cuda", "track",
+    "wandb_project_name", "wandb_entity", "capture_video", "save_model", "checkpoint_freq",
+}  # fmt: skip
+
+
+def check_resume_args(args: Args, saved_args: dict) -> None:
+    for name, saved in saved_args.items():
+        current = getattr(args, name, saved)
+        if name not in RESUME_MAY_CHANGE and current != saved:
+            flag = "--" + name.replace("_", "-")
+            fail(
+                f"{flag} is {current!r} but the checkpoint was trained with {saved!r}; resume with the same settings"
+            )
+
+
 def seed_everything(seed: int, torch_deterministic: bool) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -468,6 +486,7 @@ def main(args: Args) -> None:
 
     checkpoint = load_checkpoint(args.resume, args.env_id) if args.resume else None
     if checkpoint is not None:
+        check_resume_args(args, checkpoint["args"])
         run_name = checkpoint["run_name"]
         start_iteration = checkpoint["iteration"] + 1
         global_step = checkpoint["global_step"]
@@ -605,7 +624,7 @@ def main(args: Args) -> None:
         stats = update(
             agent, optimizer, args, b_obs, b_actions, b_logprobs, b_advantages, b_returns, b_values
         )
-        if not stats["finite"]:
+        if not stats["finite"] or not all(p.isfinite().all() for p in agent.parameters()):
             nan_path = run_dir / f"{args.exp_name}_nan.pt"
             save_checkpoint(nan_path, training_state(iteration))
             progress.close()

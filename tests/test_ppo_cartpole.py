@@ -7,13 +7,15 @@ import sys
 import numpy as np
 import pytest
 import torch
+import tyro
 from conftest import ROOT
 
 sys.path.insert(0, str(ROOT))
 import ppo_cartpole  # noqa: E402
 
 SCRIPT = "ppo_cartpole.py"
-TINY = ("--total-timesteps", "1024", "--num-envs", "4", "--num-steps", "64", "--eval-episodes", "2")
+SHAPE = ("--num-envs", "4", "--num-steps", "64")
+TINY = ("--total-timesteps", "1024", *SHAPE, "--eval-episodes", "2")
 
 
 # --- GAE -------------------------------------------------------------------------------------
@@ -242,7 +244,23 @@ def test_resume_continues_to_the_same_final_step(run_script):
     first = run_script(SCRIPT, *TINY)
     assert first.returncode == 0, first.describe()
     (checkpoint,) = first.checkpoints()
-    resumed = run_script(SCRIPT, *TINY[:-4], "--total-timesteps", "2048", "--resume", str(checkpoint))
+    changed = run_script(
+        SCRIPT,
+        "--total-timesteps",
+        "2048",
+        "--num-envs",
+        "4",
+        "--num-steps",
+        "32",
+        "--resume",
+        str(checkpoint),
+    )
+    assert (
+        changed.returncode == 2
+        and "--num-steps is 32 but the checkpoint was trained with 64" in changed.stderr
+    )
+
+    resumed = run_script(SCRIPT, "--total-timesteps", "2048", *SHAPE, "--resume", str(checkpoint))
     assert resumed.returncode == 0, resumed.describe()
     assert resumed.checkpoints() == [checkpoint]  # same run folder, same file
     state = torch.load(checkpoint, weights_only=True)
@@ -252,24 +270,21 @@ def test_resume_continues_to_the_same_final_step(run_script):
 
 
 def test_ctrl_c_saves_a_checkpoint_that_resumes_to_the_full_budget(run_script):
-    def training_has_logged(workdir):
-        return any(workdir.glob("runs/*/events.out.tfevents.*")) and any(
-            f.stat().st_size > 2000 for f in workdir.glob("runs/*/events.out.tfevents.*")
-        )
+    budget = ("--total-timesteps", "16384", *SHAPE, "--checkpoint-freq", "1024", "--eval-episodes", "1")
 
-    budget = ("--total-timesteps", "200000", "--num-envs", "4", "--num-steps", "64")
-    interrupted = run_script(SCRIPT, *budget, interrupt_when=training_has_logged)
+    def first_checkpoint_written(workdir):
+        return any(workdir.glob("runs/*/ppo_cartpole.pt"))
+
+    interrupted = run_script(SCRIPT, *budget, interrupt_when=first_checkpoint_written)
     assert interrupted.returncode == 130, interrupted.describe()
     assert "interrupted at step" in interrupted.stderr and "Traceback" not in interrupted.stderr
     (checkpoint,) = interrupted.checkpoints()
     step = torch.load(checkpoint, weights_only=True)["global_step"]
-    assert 0 < step < 200000
-    resumed = run_script(
-        SCRIPT, "--total-timesteps", str(step + 512), "--num-envs", "4", "--num-steps", "64",
-        "--eval-episodes", "1", "--resume", str(checkpoint),
-    )  # fmt: skip
+    assert 0 < step < 16384, "the run finished before Ctrl-C: make the budget larger"
+
+    resumed = run_script(SCRIPT, *budget, "--resume", str(checkpoint))
     assert resumed.returncode == 0, resumed.describe()
-    assert torch.load(checkpoint, weights_only=True)["global_step"] == step + 512
+    assert torch.load(checkpoint, weights_only=True)["global_step"] == 16384
 
 
 def test_track_writes_an_offline_wandb_run(run_script):
@@ -291,16 +306,15 @@ def test_non_finite_loss_stops_with_a_saved_state(run_script):
     assert result.checkpoints("*_nan.pt")
 
 
-def write_checkpoint(path, **overrides):
-    state = {
-        "script": "ppo_cartpole",
-        "env_id": "CartPole-v1",
-        "run_name": "x",
-        "args": {},
-        **overrides,
-    }
-    torch.save(state, path)
-    return str(path)
+def run_in_process(capsys, *argv: str) -> tuple[int, list[str]]:
+    """Parse `argv` with the script's real tyro parser and run main; return (exit code, stderr lines).
+
+    Bad input must be rejected before any heavy work, so these cases run in-process: the same
+    code path as the command line without paying an interpreter start per case.
+    """
+    with pytest.raises(SystemExit) as exit_info:
+        ppo_cartpole.main(tyro.cli(ppo_cartpole.Args, args=list(argv)))
+    return exit_info.value.code, capsys.readouterr().err.strip().splitlines()
 
 
 @pytest.mark.parametrize(
@@ -316,38 +330,48 @@ def write_checkpoint(path, **overrides):
         (("--gamma", "1.5"), "[0, 1]"),
         (("--gae-lambda", "-0.1"), "[0, 1]"),
         (("--learning-rate", "0"), "must be positive"),
+        (("--eval-episodes", "0"), "must be positive"),
         (("--resume", "missing.pt"), "does not exist"),
         (("--eval-checkpoint", "missing.pt"), "does not exist"),
     ],
 )
-def test_bad_input_exits_2_with_one_line(run_script, args, message):
-    result = run_script(SCRIPT, *args)
+def test_bad_input_exits_2_with_one_line(capsys, args, message):
+    code, lines = run_in_process(capsys, *args)
+    assert code == 2
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
+
+
+def test_bad_input_through_the_real_command_line(run_script):
+    result = run_script(SCRIPT, "--env-id", "Pendulum-v1")
     assert result.returncode == 2, result.describe()
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
+    assert result.stderr.strip() == "error: Pendulum-v1 has a Box action space; this script needs Discrete"
 
 
 @pytest.mark.parametrize("flag", ["--resume", "--eval-checkpoint"])
-def test_bad_checkpoints_exit_2_with_one_line(run_script, tmp_path, flag):
-    good = run_script(SCRIPT, *TINY)
-    assert good.returncode == 0, good.describe()
-    (checkpoint,) = good.checkpoints()
-    data = checkpoint.read_bytes()
+def test_bad_checkpoints_exit_2_with_one_line(capsys, tmp_path, flag):
+    def saved(name, **overrides):
+        state = {
+            "script": "ppo_cartpole", "env_id": "CartPole-v1", "run_name": "x", "args": {},
+            "model": ppo_cartpole.Agent(4, 2).state_dict(), **overrides,
+        }  # fmt: skip
+        torch.save(state, tmp_path / name)
+        return name
+
+    data = (tmp_path / saved("whole.pt")).read_bytes()
     (tmp_path / "truncated.pt").write_bytes(data[: len(data) // 2])
     (tmp_path / "text.pt").write_text("not a checkpoint")
+    torch.save([1, 2, 3], tmp_path / "list.pt")
     cases = {
         "truncated.pt": "not a readable checkpoint",
         "text.pt": "not a readable checkpoint",
-        write_checkpoint(tmp_path / "other.pt", script="dqn_flappy"): "saved by dqn_flappy.py",
-        write_checkpoint(tmp_path / "acrobot.pt", env_id="Acrobot-v1"): "pass --env-id Acrobot-v1",
         "list.pt": "not a checkpoint of this project",
+        saved("other.pt", script="dqn_flappy"): "saved by dqn_flappy.py",
+        saved("acrobot.pt", env_id="Acrobot-v1"): "pass --env-id Acrobot-v1",
     }
-    torch.save([1, 2, 3], tmp_path / "list.pt")
     for name, message in cases.items():
-        result = run_script(SCRIPT, flag, str(tmp_path / name))
-        assert result.returncode == 2, (name, result.describe())
-        lines = result.stderr.strip().splitlines()
-        assert len(lines) == 1 and message in lines[0], (name, result.stderr)
+        code, lines = run_in_process(capsys, flag, str(tmp_path / name))
+        assert code == 2, name
+        assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (name, lines)
 
 
 # --- learning --------------------------------------------------------------------------------
