@@ -199,14 +199,20 @@ class SummaryWriter:
     """
 
     def __init__(self, logdir: str):
-        self._writer = event_file_writer.EventFileWriter(logdir)
+        # A long queue: episodes end by the hundred per second, and a full queue blocks the loop.
+        self._writer = event_file_writer.EventFileWriter(logdir, max_queue_size=1000)
 
     def _add(self, summary: summary_pb2.Summary, step: int) -> None:
         self._writer.add_event(event_pb2.Event(wall_time=time.time(), step=step, summary=summary))
 
     def add_scalar(self, tag: str, value: float, step: int) -> None:
-        value = summary_pb2.Summary.Value(tag=tag, simple_value=float(value))
-        self._add(summary_pb2.Summary(value=[value]), int(step))
+        self.add_scalars([(tag, value)], step)
+
+    def add_scalars(self, pairs: list[tuple[str, float]], step: int) -> None:
+        """Several (tag, value) pairs at one step in ONE event: the same points in TensorBoard as
+        one event each, at a fraction of the cost when hundreds of episodes end per second."""
+        values = [summary_pb2.Summary.Value(tag=tag, simple_value=float(value)) for tag, value in pairs]
+        self._add(summary_pb2.Summary(value=values), int(step))
 
     def add_text(self, tag: str, text: str, step: int = 0) -> None:
         self._add(text_pb(tag, text), step)
@@ -215,24 +221,17 @@ class SummaryWriter:
         self._writer.close()
 
 
-def bin_edges(low: tuple[float, ...], high: tuple[float, ...], bins: tuple[int, ...]) -> list[np.ndarray]:
-    """Interior edges of `bins[d]` equal-width bins between `low[d]` and `high[d]`, per dimension.
+def discretize(obs: np.ndarray, low: np.ndarray, high: np.ndarray, bins: np.ndarray) -> np.ndarray:
+    """Map (N, D) observations to N flat cell indices of a table with `bins[d]` cells in dimension d.
 
-    Only the interior edges are kept: a value below the first one lands in bin 0 however far
-    below `low` it is, and one above the last lands in the last bin. That is the clipping, and it
-    matters for CartPole's velocities, which the observation space leaves unbounded.
+    Dimension d is cut into `bins[d]` equal-width bins between `low[d]` and `high[d]`; a value on
+    an inner edge belongs to the bin above it. Values outside [low, high] are clipped into the
+    first or last bin however far out they are (CartPole leaves its velocities unbounded, and a
+    coarse table cannot afford bins for rare extremes). The per-dimension indices are flattened
+    in C order: cell = ((i0 * bins[1] + i1) * bins[2] + i2) * ...
     """
-    return [np.linspace(lo, hi, n + 1)[1:-1] for lo, hi, n in zip(low, high, bins, strict=True)]
-
-
-def discretize(obs: np.ndarray, edges: list[np.ndarray], bins: tuple[int, ...]) -> np.ndarray:
-    """Map (N, D) observations to N flat cell indices of a table with `bins` cells per dimension.
-
-    In dimension d, a value x gets the number of interior edges e with e <= x: a value exactly on
-    an edge belongs to the bin above it. The per-dimension indices are flattened in C order.
-    """
-    per_dimension = [np.digitize(obs[:, d], edges[d]) for d in range(len(edges))]
-    return np.ravel_multi_index(per_dimension, bins)
+    scaled = np.clip((obs - low) / (high - low) * bins, 0, bins - 1)
+    return np.ravel_multi_index(np.floor(scaled).astype(np.int64).T, bins)
 
 
 def linear_schedule(start: float, end: float, duration: float, t: float) -> float:
@@ -296,14 +295,15 @@ def replay_update(q_table, replay, batch, args, learning_rate, rng) -> np.ndarra
     return q_learning_update(q_table, *replayed, learning_rate, args.gamma)
 
 
-def greedy_action(q_table: np.ndarray, obs: np.ndarray, edges: list[np.ndarray], bins) -> int:
-    return int(q_table[discretize(obs[None], edges, bins)[0]].argmax())
+def greedy_action(q_table: np.ndarray, obs: np.ndarray, low, high, bins) -> int:
+    return int(q_table[discretize(obs[None], low, high, bins)[0]].argmax())
 
 
 def evaluate(
     q_table: np.ndarray,
-    edges: list[np.ndarray],
-    bins: tuple[int, ...],
+    low: np.ndarray,
+    high: np.ndarray,
+    bins: np.ndarray,
     env_id: str,
     episodes: int,
     seed: int,
@@ -319,7 +319,7 @@ def evaluate(
         obs, _ = env.reset(seed=seed if episode == 0 else None)
         episode_return, done = 0.0, False
         while not done:
-            obs, reward, terminated, truncated, _ = env.step(greedy_action(q_table, obs, edges, bins))
+            obs, reward, terminated, truncated, _ = env.step(greedy_action(q_table, obs, low, high, bins))
             episode_return += float(reward)
             done = terminated or truncated
         returns.append(episode_return)
@@ -402,19 +402,23 @@ def seed_everything(seed: int) -> np.random.Generator:
     return np.random.default_rng(seed)
 
 
+def discretisation(obs_low, obs_high, bins) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The bounds and bin counts as arrays, as `discretize` takes them."""
+    return np.array(obs_low, dtype=np.float64), np.array(obs_high, dtype=np.float64), np.array(bins)
+
+
 def evaluate_checkpoint(args: Args) -> None:
     """--eval-checkpoint: rebuild the discretisation from the saved args and run the greedy policy."""
     checkpoint = load_checkpoint(args.eval_checkpoint, args.env_id)
     saved = checkpoint["args"]
-    bins = tuple(saved["bins"])
+    low, high, bins = discretisation(saved["obs_low"], saved["obs_high"], saved["bins"])
     q_table = checkpoint["q_table"]
     num_actions = gym.make(args.env_id).action_space.n
     if q_table.shape != (int(np.prod(bins)), num_actions):
         fail(f"{args.eval_checkpoint} holds a Q-table of shape {q_table.shape}, not one for bins {bins}")
-    edges = bin_edges(saved["obs_low"], saved["obs_high"], bins)
     run_name = checkpoint["run_name"]
     video_folder = f"videos/{run_name}/eval-checkpoint" if args.capture_video else None
-    returns = evaluate(q_table, edges, bins, args.env_id, args.eval_episodes, args.seed, video_folder)
+    returns = evaluate(q_table, low, high, bins, args.env_id, args.eval_episodes, args.seed, video_folder)
     print(
         f"eval: return {returns.mean():.2f} ± {returns.std():.2f} over {len(returns)} episodes"
         f" ({args.eval_checkpoint})"
@@ -479,7 +483,7 @@ def main(args: Args) -> None:
 
     envs = make_envs(args.env_id, args.num_envs)
     num_actions = int(envs.single_action_space.n)
-    edges = bin_edges(args.obs_low, args.obs_high, args.bins)
+    low, high, bins = discretisation(args.obs_low, args.obs_high, args.bins)
     # Zeros are a fair start for CartPole's +1 rewards: every tried action looks better than an
     # untried one, and epsilon-greedy exploration, not optimism, visits the rest.
     q_table = np.zeros((args.num_states, num_actions))
@@ -513,7 +517,7 @@ def main(args: Args) -> None:
         }
 
     obs, _ = envs.reset(seed=seed)
-    states = discretize(obs, edges, args.bins)
+    states = discretize(obs, low, high, bins)
     # True where the env's previous step ended an episode: its next step is the autoreset step.
     next_is_autoreset = np.zeros(args.num_envs, dtype=bool)
 
@@ -544,7 +548,7 @@ def main(args: Args) -> None:
 
         actions = epsilon_greedy(q_table[states], epsilon, rng)
         obs, rewards, terminated, truncated, infos = envs.step(actions)
-        next_states = discretize(obs, edges, args.bins)
+        next_states = discretize(obs, low, high, bins)
         # Gymnasium >= 1.0 autoresets on the step *after* an episode ends: that step ignores the
         # action and returns the reset observation with reward 0. It is not a transition, so it
         # is left out of the update. The step that ends an episode does return the episode's
@@ -569,15 +573,16 @@ def main(args: Args) -> None:
         td_count += len(td_errors)
 
         if "episode" in infos:
-            for env_index in np.flatnonzero(infos["_episode"]):
-                episode_return = float(infos["episode"]["r"][env_index])
-                writer.add_scalar("charts/episodic_return", episode_return, global_step)
-                writer.add_scalar(
-                    "charts/episodic_length", int(infos["episode"]["l"][env_index]), global_step
-                )
-                recent_returns.append(episode_return)
-                episodes += 1
-            recent_returns = recent_returns[-100:]
+            ended = np.flatnonzero(infos["_episode"])
+            returns = infos["episode"]["r"][ended].tolist()
+            lengths = infos["episode"]["l"][ended].tolist()
+            writer.add_scalars(
+                [("charts/episodic_return", r) for r in returns]
+                + [("charts/episodic_length", n) for n in lengths],
+                global_step,
+            )
+            recent_returns = (recent_returns + returns)[-100:]
+            episodes += len(ended)
 
         if not np.isfinite(td_squares):
             nan_path = run_dir / f"{args.exp_name}_nan.npz"
@@ -634,7 +639,7 @@ def main(args: Args) -> None:
 
     video_folder = f"videos/{run_name}/eval" if args.capture_video else None
     eval_returns = evaluate(
-        q_table, edges, args.bins, args.env_id, args.eval_episodes, args.seed + 10_000, video_folder
+        q_table, low, high, bins, args.env_id, args.eval_episodes, args.seed + 10_000, video_folder
     )
     for episode, episode_return in enumerate(eval_returns):
         writer.add_scalar("eval/episodic_return", episode_return, episode)
