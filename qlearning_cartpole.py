@@ -74,8 +74,7 @@ class Args:
     num_envs: int = 128
     """environments stepped together (one NumPy call costs about the same for 1 or 128 envs)"""
     bins: tuple[int, ...] = (3, 3, 8, 10)
-    """bins per observation dimension (CartPole: cart position, cart velocity, pole angle, pole
-    angular velocity)"""
+    """bins per observation dimension (CartPole: cart position and velocity, pole angle and rate)"""
     obs_low: tuple[float, ...] = (-2.4, -1.5, -0.21, -1.5)
     """lower clipping bound per observation dimension: anything below falls in the first bin"""
     obs_high: tuple[float, ...] = (2.4, 1.5, 0.21, 1.5)
@@ -139,7 +138,7 @@ def validate(args: Args) -> None:
         )
     if args.resume and args.eval_checkpoint:
         fail("give either --resume or --eval-checkpoint, not both")
-    observation_dims = check_env(args.env_id)
+    observation_dims, num_actions = check_env(args.env_id)
     if args.eval_checkpoint:
         return  # the discretisation is the checkpoint's, not the flags'
     if not len(args.bins) == len(args.obs_low) == len(args.obs_high):
@@ -157,13 +156,13 @@ def validate(args: Args) -> None:
     for dim, (low, high) in enumerate(zip(args.obs_low, args.obs_high, strict=True)):
         if not (np.isfinite(low) and np.isfinite(high) and low < high):
             fail(f"dimension {dim}: --obs-low {low} must be finite and below --obs-high {high}")
-    cells = args.num_states * gym.make(args.env_id).action_space.n
+    cells = args.num_states * num_actions
     if cells > MAX_TABLE_CELLS:
         fail(f"a Q-table of {cells:,} cells is too large (at most {MAX_TABLE_CELLS:,}); use fewer --bins")
 
 
-def check_env(env_id: str) -> int:
-    """Fail with suggestions for an unknown id or unusable spaces; return the observation size."""
+def check_env(env_id: str) -> tuple[int, int]:
+    """Fail with suggestions for an unknown id or unusable spaces; return (obs size, actions)."""
     if env_id not in gym.registry:
         close = difflib.get_close_matches(env_id, list(gym.registry), n=3, cutoff=0.5)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
@@ -175,7 +174,7 @@ def check_env(env_id: str) -> int:
         fail(f"{env_id} has a {type(action_space).__name__} action space; this script needs Discrete")
     if not isinstance(observation_space, gym.spaces.Box) or len(observation_space.shape) != 1:
         fail(f"{env_id} observations are {observation_space}; this script needs a 1-D Box")
-    return observation_space.shape[0]
+    return observation_space.shape[0], int(action_space.n)
 
 
 def make_envs(env_id: str, num_envs: int) -> gym.vector.VectorEnv:
@@ -192,7 +191,7 @@ def make_envs(env_id: str, num_envs: int) -> gym.vector.VectorEnv:
 
 
 class SummaryWriter:
-    """The two calls of torch's SummaryWriter this script needs, on tensorboard's own writer.
+    """What this script needs of torch's SummaryWriter, on tensorboard's own event writer.
 
     The event writer class is looked up when the writer is built, after `wandb.init`, so that
     W&B's `sync_tensorboard` patch of that class sees the run folder.
@@ -296,6 +295,7 @@ def replay_update(q_table, replay, batch, args, learning_rate, rng) -> np.ndarra
 
 
 def greedy_action(q_table: np.ndarray, obs: np.ndarray, low, high, bins) -> int:
+    """The action of highest value in the cell of ONE observation (ties: the first action)."""
     return int(q_table[discretize(obs[None], low, high, bins)[0]].argmax())
 
 
@@ -350,9 +350,7 @@ def load_checkpoint(path: str, env_id: str) -> dict:
             fail(f"{path} is not a checkpoint of this project")
         with archive:
             arrays = {key: archive[key] for key in archive.files}
-    except (OSError, ValueError, EOFError, KeyError) as error:
-        fail(f"{path} is not a readable checkpoint ({type(error).__name__}); it may be truncated")
-    except Exception as error:  # zipfile.BadZipFile and friends from a damaged archive
+    except Exception as error:  # OSError, ValueError, zipfile.BadZipFile... from a damaged file
         fail(f"{path} is not a readable checkpoint ({type(error).__name__}); it may be truncated")
     try:
         checkpoint = {
@@ -410,10 +408,14 @@ def discretisation(obs_low, obs_high, bins) -> tuple[np.ndarray, np.ndarray, np.
 def evaluate_checkpoint(args: Args) -> None:
     """--eval-checkpoint: rebuild the discretisation from the saved args and run the greedy policy."""
     checkpoint = load_checkpoint(args.eval_checkpoint, args.env_id)
-    saved = checkpoint["args"]
-    low, high, bins = discretisation(saved["obs_low"], saved["obs_high"], saved["bins"])
-    q_table = checkpoint["q_table"]
-    num_actions = gym.make(args.env_id).action_space.n
+    saved, q_table = checkpoint["args"], checkpoint["q_table"]
+    try:
+        low, high, bins = discretisation(saved["obs_low"], saved["obs_high"], saved["bins"])
+    except (KeyError, TypeError, ValueError):
+        fail(
+            f"{args.eval_checkpoint} does not say how it discretised observations; not a checkpoint of this script"
+        )
+    _, num_actions = check_env(args.env_id)
     if q_table.shape != (int(np.prod(bins)), num_actions):
         fail(f"{args.eval_checkpoint} holds a Q-table of shape {q_table.shape}, not one for bins {bins}")
     run_name = checkpoint["run_name"]

@@ -405,8 +405,9 @@ def test_bad_checkpoints_exit_2_with_one_line(capsys, tmp_path):
         write("other.npz", script="dqn_flappy"): "saved by dqn_flappy.py",
         write("acrobot.npz", env_id="Acrobot-v1"): "pass --env-id Acrobot-v1",
     }
-    for flag in ("--resume", "--eval-checkpoint"):
-        for name, message in cases.items():
+    eval_only = {write("no-bins.npz"): "does not say how it discretised observations"}
+    for flag, flag_cases in (("--resume", cases), ("--eval-checkpoint", {**cases, **eval_only})):
+        for name, message in flag_cases.items():
             code, lines = run_in_process(capsys, flag, str(tmp_path / name))
             assert code == 2, (flag, name)
             assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (
