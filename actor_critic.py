@@ -73,28 +73,28 @@ class Args:
 
     env_id: str = "CartPole-v1"
     """a gymnasium environment with a 1-D Box observation and a Discrete action space"""
-    total_timesteps: int = 100_000
+    total_timesteps: int = 150_000
     """environment steps to train for (summed over the vectorised envs)"""
-    learning_rate: float = 1e-3
+    learning_rate: float = 3e-3
     """optimiser learning rate (annealed linearly to 0 with --anneal-lr)"""
     optimizer: Literal["adam", "rmsprop"] = "adam"
     """Adam, or RMSprop as in the original A2C/A3C paper (alpha 0.99)"""
-    num_envs: int = 8
+    num_envs: int = 16
     """number of environments stepped in parallel"""
-    num_steps: int = 5
+    num_steps: int = 8
     """steps per environment in each rollout: the n of the n-step return"""
     anneal_lr: bool = True
     """anneal the learning rate linearly to 0 over training"""
-    gamma: float = 0.99
+    gamma: float = 0.98
     """discount factor"""
-    gae_lambda: float = 0.95
+    gae_lambda: float = 0.8
     """lambda of generalised advantage estimation (1.0: plain n-step returns, as classic A2C)"""
     norm_adv: bool = False
     """normalise the advantages of each rollout (mean 0, std 1)"""
     ent_coef: float = 0.0
     """entropy bonus coefficient"""
-    vf_coef: float = 0.5
-    """value loss coefficient (the value head shares the trunk, so this weighs the two losses)"""
+    vf_coef: float = 0.2
+    """value loss coefficient: the value head shares the trunk, so this weighs the two losses"""
     max_grad_norm: float = 0.5
     """global gradient-norm clipping threshold"""
     hidden_size: int = 64
@@ -175,8 +175,10 @@ def layer_init(layer: nn.Linear, gain: float = np.sqrt(2), bias: float = 0.0) ->
 class Agent(nn.Module):
     """A shared tanh trunk feeding a policy head (action logits) and a value head.
 
-    Sharing the trunk means the value loss shapes the features the policy uses too (often a
-    useful auxiliary signal); `--vf-coef` sets how much it weighs against the policy loss.
+    Sharing the trunk means the value loss shapes the features the policy uses too (a useful
+    auxiliary signal). Returns of tens of steps make the value loss's gradient far larger than
+    the policy loss's; a small `--vf-coef` (0.2, vs 0.5 for separate networks) keeps it from
+    crowding out the policy's features (measured: 0.5 solves CartPole ~40% later).
     """
 
     def __init__(self, obs_dim: int, num_actions: int, hidden_size: int = 64):
@@ -237,8 +239,8 @@ def compute_gae(
     advantages = torch.zeros_like(rewards)
     next_advantage = torch.zeros_like(rewards[0])
     for t in reversed(range(num_steps)):
-        not_terminal = 1.0 - terminated[t].float()
-        continues = 1.0 - episode_ended[t].float()
+        not_terminal = (~terminated[t]).to(rewards.dtype)
+        continues = (~episode_ended[t]).to(rewards.dtype)
         delta = rewards[t] + gamma * values[t + 1] * not_terminal - values[t]
         next_advantage = delta + gamma * gae_lambda * continues * next_advantage
         advantages[t] = next_advantage
@@ -334,6 +336,24 @@ def load_checkpoint(path: str, env_id: str) -> dict:
     return checkpoint
 
 
+# Flags that may differ between a run and its resumption; every other setting must match the
+# checkpoint's, or the resumed run would silently be a different experiment.
+RESUME_MAY_CHANGE = {
+    "total_timesteps", "resume", "eval_checkpoint", "eval_episodes", "cuda", "track",
+    "wandb_project_name", "wandb_entity", "capture_video", "save_model", "checkpoint_freq",
+}  # fmt: skip
+
+
+def check_resume_args(args: Args, saved_args: dict) -> None:
+    for name, saved in saved_args.items():
+        current = getattr(args, name, saved)
+        if name not in RESUME_MAY_CHANGE and current != saved:
+            flag = "--" + name.replace("_", "-")
+            fail(
+                f"{flag} is {current!r} but the checkpoint was trained with {saved!r}; resume with the same settings"
+            )
+
+
 def seed_everything(seed: int, torch_deterministic: bool) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -404,6 +424,7 @@ def main(args: Args) -> None:
         run_name = checkpoint["run_name"]
         start_iteration = checkpoint["iteration"] + 1
         global_step = checkpoint["global_step"]
+        check_resume_args(args, checkpoint["args"])
     else:
         run_name = f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"
         start_iteration, global_step = 1, 0
@@ -420,7 +441,6 @@ def main(args: Args) -> None:
             config=vars(args),
             name=run_name,
             save_code=True,
-            resume="allow" if checkpoint else None,
         )
     writer = SummaryWriter(str(run_dir))
     writer.add_text(
@@ -432,11 +452,10 @@ def main(args: Args) -> None:
     seed = args.seed + (start_iteration - 1)
     seed_everything(seed, args.torch_deterministic)
     device = pick_device(args.cuda)
-    if device.type == "cpu":
-        # A 64-wide MLP on a batch of 8 is far too small to split across threads: with the
-        # default thread pool, synchronisation costs more than it saves (measured ~15x slower
-        # on a busy 2-core machine).
-        torch.set_num_threads(1)
+    # A 64-unit MLP on a batch of a few envs is too small to gain from intra-op threads: on the
+    # CPU their synchronisation costs more than the arithmetic (measured 15x slower with 2
+    # threads on a loaded 2-core box).
+    torch.set_num_threads(1)
 
     envs = make_envs(args.env_id, args.num_envs)
     agent = build_agent(args.env_id, args.hidden_size, device)
@@ -537,7 +556,7 @@ def main(args: Args) -> None:
         logits, new_values = agent(b_obs)
         policy_loss, value_loss, entropy = a2c_loss(logits, b_actions, b_advantages, new_values, b_returns)
         loss = policy_loss + args.vf_coef * value_loss - args.ent_coef * entropy
-        if not torch.isfinite(loss):
+        if not torch.isfinite(loss) or not all(p.isfinite().all() for p in agent.parameters()):
             nan_path = run_dir / f"{args.exp_name}_nan.pt"
             save_checkpoint(nan_path, training_state(iteration))
             progress.close()
