@@ -15,9 +15,10 @@ Run:
     tensorboard --logdir runs
 
 Expect: the published result of these hyper-parameters on Pong is a return of about +20 after
-10M frames (2.5M agent steps, the default --total-timesteps 10M agent steps trains longer). That
-takes hours on a GPU machine; on a 2-core CPU PPO runs at a few hundred agent steps per second, so
-train on a GPU (--cuda, the default, picks it up).
+10M frames (2.5M agent steps; the default --total-timesteps of 10M agent steps is 40M frames).
+This script has not been trained that far yet: on a 2-core CPU it runs at a few hundred agent
+steps per second at best (a full run takes days), so train on a GPU (--cuda, the default, uses
+one when present). Evaluation samples the policy; --eval-greedy takes the most probable action.
 """
 
 from __future__ import annotations

@@ -34,13 +34,17 @@ PIPELINES = {
 }
 
 
-def cumulative_time(stats: pstats.Stats, file_suffix: str, function: str) -> float:
-    """Cumulative seconds of the calls of `function` defined in a file ending with `file_suffix`."""
-    return sum(
-        entry[3]
-        for (filename, _, name), entry in stats.stats.items()
-        if name == function and filename.endswith(file_suffix)
-    )
+def cumulative_time(stats: pstats.Stats, file_suffix: str, function: str, caller: str | None = None) -> float:
+    """Cumulative seconds of `function` (defined in a file ending with `file_suffix`), counting
+    only the calls made from a function named `caller` when one is given."""
+    total = 0.0
+    for (filename, _, name), (_, _, _, cumulative, callers) in stats.stats.items():
+        if name == function and filename.endswith(file_suffix):
+            if caller is None:
+                total += cumulative
+            else:
+                total += sum(entry[3] for (_, _, by), entry in callers.items() if by == caller)
+    return total
 
 
 def run_ours(env_id: str, backend: str, steps: int, threads: int, workdir: Path) -> float:
@@ -94,13 +98,12 @@ def worker(which: str, backend: str | None, env_id: str, steps: int, threads: in
             profiler.disable()
             stats = pstats.Stats(profiler)
             loop = steps / sps
+            # The envs' step as called by the training loop (`main`), not by the evaluation.
             if which == "ours":
-                env = cumulative_time(stats, "ale_py/vector_env.py", "step") or cumulative_time(
-                    stats, "gymnasium/vector/sync_vector_env.py", "step"
-                )
+                env = cumulative_time(stats, "gymnasium/wrappers/vector/common.py", "step", caller="main")
                 update = cumulative_time(stats, "ppo_atari.py", "update")
             else:
-                env = cumulative_time(stats, "gymnasium/vector/sync_vector_env.py", "step")
+                env = cumulative_time(stats, "gymnasium/vector/sync_vector_env.py", "step", caller="main")
                 update = cumulative_time(stats, "bench_ppo_atari_peer.py", "ppo_update")
             result.update(env_share=env / loop, update_share=update / loop)
         return result
