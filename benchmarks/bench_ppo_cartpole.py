@@ -53,6 +53,7 @@ def run_measured(command: list[str], cwd: str) -> tuple[float, float, float]:
 
 def run_ours(seed: int, workdir: str) -> dict:
     from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    from tensorboard.util import tensor_util
 
     command = [
         sys.executable,
@@ -69,7 +70,8 @@ def run_ours(seed: int, workdir: str) -> dict:
         for event in EventFileLoader(str(event_file)).Load():
             for value in event.summary.value:
                 if value.tag == "charts/episodic_return":
-                    episodes.append((event.wall_time, event.step, value.simple_value))
+                    episode_return = float(tensor_util.make_ndarray(value.tensor))
+                    episodes.append((event.wall_time, event.step, episode_return))
                 total_steps = max(total_steps, event.step)
     return {
         "start": start,
