@@ -5,8 +5,9 @@ For each observation type it runs, one after the other in this process's machine
   2. benchmarks/dqn_flappy_deque_peer.py: the same script and flags with the tutorials' buffer,
      a deque of (obs, action, reward, terminated, next_obs) tuples (pixels: two 4x84x84 stacks
      per transition);
-  3. dqn_flappy.py with a buffer of one batch, to measure what the process needs besides the
-     buffer (torch, the env, the network), so that the buffers' own memory can be compared.
+  3. dqn_flappy.py with a buffer of one batch (too small to ever start learning): what the
+     process needs without a buffer (torch, the env, the network). "buffer MB" is a run's peak
+     minus this, so it also holds the learner's own allocations, the same for both runs.
 Both buffers hold the same number of transitions and are filled past capacity. Peak memory is
 the child's maximum resident set size (wait4); steps/s is what the script's `done:` line says.
 Machines are noisy: read the ratios, which come from runs made back to back.
@@ -70,7 +71,9 @@ def compare(mode: str, flags: list[str], buffer_size: int, batch_size: int) -> N
     print(f"  {'':34s}{'steps/s':>10s}{'peak MB':>10s}{'buffer MB':>11s}")
     print(f"  {'dqn_flappy.py (NumPy ring)':34s}{ours[0]:10.0f}{ours[1]:10.0f}{ours_buffer:11.0f}")
     print(f"  {'deque-of-tuples peer':34s}{peer[0]:10.0f}{peer[1]:10.0f}{peer_buffer:11.0f}")
-    print(f"  {'dqn_flappy.py, buffer of one batch':34s}{bare[0]:10.0f}{bare[1]:10.0f}")
+    print(
+        f"  {'dqn_flappy.py, one-batch buffer':34s}{'(idle)':>10s}{bare[1]:10.0f}   (memory baseline: it never trains)"
+    )
     print(
         f"  ratios: {ours[0] / peer[0]:.2f}x the peer's steps/s, {peer[1] / ours[1]:.2f}x less peak memory,"
         f" {peer_buffer / ours_buffer:.1f}x less buffer memory"
