@@ -5,7 +5,7 @@ For each observation type it runs, one after the other in this process's machine
   2. benchmarks/dqn_flappy_deque_peer.py: the same script and flags with the tutorials' buffer,
      a deque of (obs, action, reward, terminated, next_obs) tuples (pixels: two 4x84x84 stacks
      per transition);
-  3. dqn_flappy.py with a buffer of one batch (too small to ever start learning): what the
+  3. dqn_flappy.py with a buffer of two batches (too small to ever start learning): what the
      process needs without a buffer (torch, the env, the network). "buffer MB" is a run's peak
      minus this, so it also holds the learner's own allocations, the same for both runs.
 Both buffers hold the same number of transitions and are filled past capacity. Peak memory is
@@ -63,7 +63,7 @@ def compare(mode: str, flags: list[str], buffer_size: int, batch_size: int) -> N
         peer = run(ROOT / "benchmarks" / "dqn_flappy_deque_peer.py", sized, workdir)
         bare = run(
             ROOT / "dqn_flappy.py",
-            [*flags, "--buffer-size", str(batch_size), "--batch-size", str(batch_size)],
+            [*flags, "--buffer-size", str(2 * batch_size), "--batch-size", str(batch_size)],
             workdir,
         )
     ours_buffer, peer_buffer = max(ours[1] - bare[1], 1.0), max(peer[1] - bare[1], 1.0)
@@ -72,7 +72,7 @@ def compare(mode: str, flags: list[str], buffer_size: int, batch_size: int) -> N
     print(f"  {'dqn_flappy.py (NumPy ring)':34s}{ours[0]:10.0f}{ours[1]:10.0f}{ours_buffer:11.0f}")
     print(f"  {'deque-of-tuples peer':34s}{peer[0]:10.0f}{peer[1]:10.0f}{peer_buffer:11.0f}")
     print(
-        f"  {'dqn_flappy.py, one-batch buffer':34s}{'(idle)':>10s}{bare[1]:10.0f}   (memory baseline: it never trains)"
+        f"  {'dqn_flappy.py, two-batch buffer':34s}{'(idle)':>10s}{bare[1]:10.0f}   (memory baseline: it never trains)"
     )
     print(
         f"  ratios: {ours[0] / peer[0]:.2f}x the peer's steps/s, {peer[1] / ours[1]:.2f}x less peak memory,"
@@ -85,8 +85,8 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", default=["features", "pixels"], choices=["features", "pixels"])
     parser.add_argument("--features-steps", type=int, default=30_000)
     parser.add_argument("--features-buffer", type=int, default=20_000)
-    parser.add_argument("--pixels-steps", type=int, default=800)
-    parser.add_argument("--pixels-buffer", type=int, default=600)
+    parser.add_argument("--pixels-steps", type=int, default=5_200)
+    parser.add_argument("--pixels-buffer", type=int, default=5_000)
     options = parser.parse_args()
     common = ["--max-episode-steps", "500", "--seed", "1"]
     if "features" in options.modes:
