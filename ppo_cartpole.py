@@ -2,9 +2,10 @@
 
 Trains a discrete-action PPO agent with separate actor and critic MLPs on any gymnasium
 environment with a 1-D Box observation and a Discrete action space (CartPole-v1 by default;
-Acrobot-v1 and LunarLander-v3 work too). The implementation follows the well-known PPO details:
-orthogonal initialisation, GAE, advantage normalisation, clipped policy and value losses, entropy
-bonus, global gradient clipping, learning-rate annealing and an optional target-KL early stop.
+Acrobot-v1 and MountainCar-v0 work too). The implementation follows the well-known PPO details:
+orthogonal initialisation, GAE, advantage normalisation, the clipped surrogate loss (and, as a
+flag, a clipped value loss), entropy bonus, global gradient clipping, learning-rate annealing and
+an optional target-KL early stop.
 
 Run:
     python ppo_cartpole.py                      # train, evaluate, save runs/<run>/ppo_cartpole.pt
@@ -12,8 +13,9 @@ Run:
     tensorboard --logdir runs
 
 Expect: with the defaults and seed 1 the greedy policy balances the pole for the full 500 steps
-(evaluation return 500 ± 0 over 20 episodes) after 100k environment steps, about 25 s on a 2-core
-laptop-class CPU.
+(evaluation return 500 ± 0 over 20 episodes) after 100k environment steps, 20-30 s in all on a
+2-core laptop-class CPU (~3,700 steps/s); the mean of the last 20 training episodes first reaches
+475 after 33-52k steps (seeds 1-3), 11-13 s after launch.
 """
 
 from __future__ import annotations
