@@ -323,7 +323,7 @@ def run_in_process(capsys, *argv: str) -> tuple[int, list[str]]:
         (("--env-id", "Pendulum-v1"), "needs Discrete"),
         (("--env-id", "NoSuchEnv-v0"), "unknown environment id"),
         (("--env-id", "CartPol-v1"), "did you mean CartPole-v1"),
-        (("--env-id", "Taxi-v3"), "needs a 1-D Box"),
+        (("--env-id", "Taxi-v4"), "needs a 1-D Box"),
         (("--num-minibatches", "7"), "does not divide"),
         (("--total-timesteps", "0"), "must be positive"),
         (("--num-envs", "-1"), "must be positive"),
