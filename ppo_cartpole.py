@@ -26,6 +26,7 @@ import random
 import signal
 import sys
 import time
+from collections import deque
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -340,20 +341,20 @@ def update(agent, optimizer, args, b_obs, b_actions, b_logprobs, b_advantages, b
 
             with torch.no_grad():
                 # Schulman's estimators of KL(old || new): the second is unbiased with lower variance.
-                old_approx_kl = (-log_ratio).mean()
-                approx_kl = ((ratio - 1) - log_ratio).mean()
+                # Kept as tensors: read out once after the loop, not synchronised every minibatch.
+                stats = {
+                    "policy_loss": policy_loss.detach(),
+                    "value_loss": value_loss.detach(),
+                    "entropy": entropy_loss.detach(),
+                    "old_approx_kl": (-log_ratio).mean(),
+                    "approx_kl": ((ratio - 1) - log_ratio).mean(),
+                    "ratio_mean": ratio.mean(),
+                    "ratio_max": ratio.max(),
+                }
                 clipfracs.append(((ratio - 1.0).abs() > args.clip_coef).float().mean())
-            stats = {
-                "policy_loss": policy_loss.item(),
-                "value_loss": value_loss.item(),
-                "entropy": entropy_loss.item(),
-                "old_approx_kl": old_approx_kl.item(),
-                "approx_kl": approx_kl.item(),
-                "ratio_mean": ratio.mean().item(),
-                "ratio_max": ratio.max().item(),
-            }
         if args.target_kl is not None and stats["approx_kl"] > args.target_kl:
             break
+    stats = {key: value.item() for key, value in stats.items()}
     stats["clipfrac"] = torch.stack(clipfracs).mean().item()
     stats["finite"] = True
     return stats
@@ -554,23 +555,24 @@ def main(args: Args) -> None:
             "optimizer": optimizer.state_dict(),
         }
 
-    # Rollout storage, preallocated on the device: no per-step Python lists of tensors.
+    # Rollout storage, preallocated: no per-step Python lists of tensors. What the network produces
+    # lives on its device; what the envs return (rewards, done flags) stays in NumPy until the
+    # rollout is complete and goes to the device in one copy per array, not one per step.
     obs_shape = envs.single_observation_space.shape
     obs = torch.zeros((args.num_steps, args.num_envs, *obs_shape), device=device)
     actions = torch.zeros((args.num_steps, args.num_envs), dtype=torch.long, device=device)
     logprobs = torch.zeros((args.num_steps, args.num_envs), device=device)
-    rewards = torch.zeros((args.num_steps, args.num_envs), device=device)
-    terminated = torch.zeros((args.num_steps, args.num_envs), dtype=torch.bool, device=device)
-    episode_ended = torch.zeros((args.num_steps, args.num_envs), dtype=torch.bool, device=device)
-    valid = torch.zeros((args.num_steps, args.num_envs), dtype=torch.bool, device=device)
+    rewards = np.zeros((args.num_steps, args.num_envs), dtype=np.float32)
+    terminated = np.zeros((args.num_steps, args.num_envs), dtype=bool)
+    episode_ended = np.zeros((args.num_steps, args.num_envs), dtype=bool)
     values = torch.zeros((args.num_steps + 1, args.num_envs), device=device)
 
     next_obs, _ = envs.reset(seed=seed)
     next_obs = torch.as_tensor(next_obs, dtype=torch.float32, device=device)
-    # True where the env's previous step ended an episode: its next step is the autoreset step.
-    next_is_autoreset = torch.zeros(args.num_envs, dtype=torch.bool, device=device)
+    # True where the last step of the previous rollout ended an episode.
+    previous_rollout_ended = np.zeros(args.num_envs, dtype=bool)
 
-    recent_returns: list[float] = []
+    recent_returns: deque[float] = deque(maxlen=20)
     interrupt = InterruptFlag()
     start_time = time.time()
     start_step = global_step
@@ -590,21 +592,14 @@ def main(args: Args) -> None:
         for step in range(args.num_steps):
             global_step += args.num_envs
             obs[step] = next_obs
-            # Gymnasium >= 1.0 autoresets on the step *after* an episode ends: that step ignores
-            # the action and returns the reset observation with reward 0. It is not a transition,
-            # so it is kept out of the update (valid = False) instead of being learned from.
-            valid[step] = ~next_is_autoreset
             with torch.inference_mode():
                 action, logprob, _, value = agent.get_action_and_value(next_obs)
             values[step] = value
             actions[step] = action
             logprobs[step] = logprob
 
-            next_obs_np, reward, term, trunc, infos = envs.step(action.cpu().numpy())
-            rewards[step] = torch.as_tensor(reward, device=device)
-            terminated[step] = torch.as_tensor(term, device=device)
-            next_is_autoreset = torch.as_tensor(term | trunc, device=device)
-            episode_ended[step] = next_is_autoreset
+            next_obs_np, rewards[step], terminated[step], truncated, infos = envs.step(action.cpu().numpy())
+            episode_ended[step] = terminated[step] | truncated
             next_obs = torch.as_tensor(next_obs_np, dtype=torch.float32, device=device)
 
             if "episode" in infos:
@@ -614,17 +609,26 @@ def main(args: Args) -> None:
                     writer.add_scalar(
                         "charts/episodic_length", int(infos["episode"]["l"][env_index]), global_step
                     )
-                    recent_returns = (recent_returns + [episode_return])[-20:]
+                    recent_returns.append(episode_return)
 
         with torch.inference_mode():
             # After the last step: V(next obs), which is V(final obs) where an episode just ended.
             values[args.num_steps] = agent.get_value(next_obs)
             advantages, returns = compute_gae(
-                rewards, values, terminated, episode_ended, args.gamma, args.gae_lambda
+                torch.as_tensor(rewards, device=device),
+                values,
+                torch.as_tensor(terminated, device=device),
+                torch.as_tensor(episode_ended, device=device),
+                args.gamma,
+                args.gae_lambda,
             )
 
-        # Flatten the rollout and drop the autoreset steps.
-        keep = valid.reshape(-1)
+        # Gymnasium >= 1.0 autoresets on the step *after* an episode ends: that step ignores the
+        # action and returns the reset observation with reward 0. It is not a transition, so it is
+        # dropped from the update rather than learned from. Flatten the rollout without those steps.
+        autoreset = np.concatenate([previous_rollout_ended[None], episode_ended[:-1]])
+        previous_rollout_ended = episode_ended[-1].copy()
+        keep = torch.as_tensor(~autoreset, device=device).reshape(-1)
         b_obs = obs.reshape(-1, *obs_shape)[keep]
         b_actions = actions.reshape(-1)[keep]
         b_logprobs = logprobs.reshape(-1)[keep]
