@@ -9,11 +9,12 @@ an optional target-KL early stop.
 
 Run:
     python ppo_cartpole.py                      # train, evaluate, save runs/<run>/ppo_cartpole.pt
+    python ppo_cartpole.py --resume runs/<run>/ppo_cartpole.pt          # continue an interrupted run
     python ppo_cartpole.py --eval-checkpoint runs/<run>/ppo_cartpole.pt --capture-video
     tensorboard --logdir runs
 
 Expect: with the defaults and seed 1 the greedy policy balances the pole for the full 500 steps
-(evaluation return 500 ± 0 over 20 episodes) after 100k environment steps, 20-30 s in all on a
+(evaluation return 500 ± 0 over 10 episodes) after 100k environment steps, 20-30 s in all on a
 2-core laptop-class CPU (~3,700 steps/s); the mean of the last 20 training episodes first reaches
 475 after 33-52k steps (seeds 1-3), 11-13 s after launch.
 """
@@ -21,14 +22,17 @@ Expect: with the defaults and seed 1 the greedy policy balances the pole for the
 from __future__ import annotations
 
 import difflib
+import hashlib
 import os
 import random
 import signal
 import sys
 import time
 from collections import deque
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import NoReturn
 
 import gymnasium as gym
 import numpy as np
@@ -38,12 +42,14 @@ import tyro
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-SCRIPT = Path(__file__).stem
+# Checkpoints say what they hold by this kind, not by the script's file name, so a renamed copy of
+# this script still loads its own checkpoints.
+CHECKPOINT_KIND = "ppo-discrete-mlp/1"
 
 
 @dataclass
 class Args:
-    exp_name: str = SCRIPT
+    exp_name: str = Path(__file__).stem
     """name of this experiment (part of the run name and of the checkpoint file name)"""
     seed: int = 1
     """seed of random, NumPy, torch and the environments (env i gets seed + i)"""
@@ -51,20 +57,26 @@ class Args:
     """make cuDNN deterministic (cudnn.deterministic=True, cudnn.benchmark=False)"""
     cuda: bool = True
     """use a GPU when one is present (a network this small runs as fast on the CPU)"""
+    torch_threads: int = 1
+    """CPU threads for torch (1 measured fastest for this network on a 2-core CPU)"""
     track: bool = False
     """log the run to Weights & Biases (works offline with WANDB_MODE=offline)"""
     wandb_project_name: str = "rl-scripts"
     """the W&B project"""
     wandb_entity: str | None = None
     """the W&B entity (team or user); None uses your default"""
+    wandb_group: str | None = None
+    """W&B group, so the seeds of one experiment plot together (default: --exp-name)"""
     capture_video: bool = False
     """record the evaluation episodes as mp4 under videos/<run_name>/"""
     save_model: bool = True
     """save the checkpoint runs/<run_name>/<exp_name>.pt (at the end, periodically, on Ctrl-C)"""
     checkpoint_freq: int = 50_000
     """also save a checkpoint every this many environment steps (0 disables periodic saves)"""
+    log_interval: int = 256
+    """write the loss statistics every this many environment steps (256: every iteration)"""
     resume: str | None = None
-    """path of a checkpoint to continue training from"""
+    """path of a checkpoint to continue training from (with the checkpoint's settings)"""
     eval_checkpoint: str | None = None
     """path of a checkpoint to evaluate for --eval-episodes episodes, then exit"""
     eval_episodes: int = 10
@@ -113,60 +125,8 @@ class Args:
         return self.num_envs * self.num_steps
 
     @property
-    def minibatch_size(self) -> int:
-        return self.batch_size // self.num_minibatches
-
-    @property
     def num_iterations(self) -> int:
         return max(1, self.total_timesteps // self.batch_size)
-
-
-def fail(message: str) -> None:
-    """Report bad input as one line on stderr and exit with status 2 (no traceback)."""
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
-def validate(args: Args) -> None:
-    """Check every knob before any heavy work, so a typo costs a second, not a run."""
-    for name in ("total_timesteps", "num_envs", "num_steps", "num_minibatches", "update_epochs"):
-        if getattr(args, name) <= 0:
-            fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    if args.eval_episodes <= 0:
-        fail(f"--eval-episodes must be positive, got {args.eval_episodes}")
-    if args.checkpoint_freq < 0:
-        fail(f"--checkpoint-freq must be >= 0, got {args.checkpoint_freq}")
-    if args.batch_size % args.num_minibatches:
-        fail(
-            f"--num-minibatches {args.num_minibatches} does not divide the batch of "
-            f"{args.batch_size} (= num_envs {args.num_envs} x num_steps {args.num_steps})"
-        )
-    for name in ("gamma", "gae_lambda"):
-        if not 0.0 <= getattr(args, name) <= 1.0:
-            fail(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}")
-    for name in ("learning_rate", "clip_coef", "max_grad_norm", "hidden_size"):
-        if getattr(args, name) <= 0:
-            fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    if args.target_kl is not None and args.target_kl <= 0:
-        fail(f"--target-kl must be positive (or omitted), got {args.target_kl}")
-    if args.resume and args.eval_checkpoint:
-        fail("give either --resume or --eval-checkpoint, not both")
-    check_env(args.env_id)
-
-
-def check_env(env_id: str) -> None:
-    """Fail with suggestions for an unknown id, and with an explanation for unusable spaces."""
-    if env_id not in gym.registry:
-        close = difflib.get_close_matches(env_id, list(gym.registry), n=3, cutoff=0.5)
-        hint = f"; did you mean {', '.join(close)}?" if close else ""
-        fail(f"unknown environment id {env_id!r}{hint}")
-    env = gym.make(env_id)
-    observation_space, action_space = env.observation_space, env.action_space
-    env.close()
-    if not isinstance(action_space, gym.spaces.Discrete):
-        fail(f"{env_id} has a {type(action_space).__name__} action space; this script needs Discrete")
-    if not isinstance(observation_space, gym.spaces.Box) or len(observation_space.shape) != 1:
-        fail(f"{env_id} observations are {observation_space}; this script needs a 1-D Box")
 
 
 def make_envs(env_id: str, num_envs: int) -> gym.vector.VectorEnv:
@@ -217,9 +177,9 @@ class Agent(nn.Module):
     def get_action_and_value(self, obs: torch.Tensor, action: torch.Tensor | None = None):
         """Sample an action (or score a given one): action, log-prob, entropy, value.
 
-        The categorical distribution is written out with log-softmax rather than built as a
-        `torch.distributions.Categorical`: the same numbers for ~30% less CPU per call (measured),
-        and per-call overhead is what dominates on a network this small.
+        This is `Categorical(logits=...)` written out with log-softmax: the same numbers, for less
+        per-call overhead, which is what dominates on a network this small (measured in
+        benchmarks/README.md, "Speed choices").
         """
         log_probs = self.actor(obs).log_softmax(dim=-1)
         if action is None:
@@ -305,18 +265,26 @@ def explained_variance(predictions: torch.Tensor, targets: torch.Tensor) -> floa
 
 
 def update(agent, optimizer, args, b_obs, b_actions, b_logprobs, b_advantages, b_returns, b_values) -> dict:
-    """Several epochs of minibatch PPO over one rollout; returns the last epoch's statistics."""
+    """Several epochs of minibatch PPO over one rollout; returns the last epoch's statistics and
+    whether the losses and the weights stayed finite."""
     batch = len(b_obs)
+    if batch == 0:
+        return {"finite": True}  # every step of a tiny rollout was an autoreset step: nothing to learn
     clipfracs = []
     stats = {}
     for _epoch in range(args.update_epochs):
         permutation = torch.randperm(batch, device=b_obs.device)
         for minibatch in permutation.tensor_split(args.num_minibatches):
+            # Dropping the autoreset steps can leave fewer samples than minibatches: an empty
+            # minibatch has no mean loss (NaN), so it is skipped.
+            if len(minibatch) == 0:
+                continue
             _, new_logprob, entropy, new_value = agent.get_action_and_value(
                 b_obs[minibatch], b_actions[minibatch]
             )
             log_ratio = new_logprob - b_logprobs[minibatch]
             advantages = b_advantages[minibatch]
+            # One advantage has no spread to normalise by (its std is NaN).
             if args.norm_adv and len(advantages) > 1:
                 advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
             policy_loss, value_loss, ratio = ppo_loss(
@@ -356,8 +324,283 @@ def update(agent, optimizer, args, b_obs, b_actions, b_logprobs, b_advantages, b
             break
     stats = {key: value.item() for key, value in stats.items()}
     stats["clipfrac"] = torch.stack(clipfracs).mean().item()
-    stats["finite"] = True
+    stats["explained_variance"] = explained_variance(b_values, b_returns)
+    stats["finite"] = all(parameter.isfinite().all() for parameter in agent.parameters())
     return stats
+
+
+def main(args: Args) -> None:
+    validate(args)
+    if args.eval_checkpoint:
+        evaluate_checkpoint(args)
+        return
+    checkpoint = load_checkpoint(args.resume) if args.resume else None
+    if checkpoint is not None:
+        check_settings(args, checkpoint["args"], RESUME_MAY_CHANGE)
+        run_name, global_step = checkpoint["run_name"], checkpoint["global_step"]
+        start_iteration = checkpoint["iteration"] + 1
+    else:
+        run_name = f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+        global_step, start_iteration = 0, 1
+    run = Run(args, run_name, total_steps=args.num_iterations * args.batch_size, global_step=global_step)
+    # A resumed run reseeds with an offset so it does not replay the random stream of its start.
+    seed = args.seed + (start_iteration - 1)
+    seed_everything(seed, args.torch_deterministic)
+    device = pick_device(args.cuda, args.torch_threads)
+
+    envs = make_envs(args.env_id, args.num_envs)
+    agent = build_agent(args.env_id, args.hidden_size, device)
+    # eps=1e-5 rather than 1e-8 (as in the reference PPO implementation); fused: one kernel for all
+    # parameters instead of a loop of small ones.
+    optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, fused=True)
+    if checkpoint is not None:
+        restore(checkpoint, args.resume, agent, optimizer)
+
+    def training_state() -> dict:
+        return {
+            "kind": CHECKPOINT_KIND,
+            "env_id": args.env_id,
+            "run_name": run_name,
+            "args": asdict(args),
+            "global_step": global_step,
+            "iteration": iteration,  # the learning-rate schedule's position
+            "model": agent.state_dict(),
+            "optimizer": optimizer.state_dict(),
+        }
+
+    # Rollout storage, preallocated: no per-step Python lists of tensors. What the network produces
+    # lives on its device; what the envs return (rewards, done flags) stays in NumPy until the
+    # rollout is complete and goes to the device in one copy per array, not one per step.
+    obs_shape = envs.single_observation_space.shape
+    obs = torch.zeros((args.num_steps, args.num_envs, *obs_shape), device=device)
+    actions = torch.zeros((args.num_steps, args.num_envs), dtype=torch.long, device=device)
+    logprobs = torch.zeros((args.num_steps, args.num_envs), device=device)
+    rewards = np.zeros((args.num_steps, args.num_envs), dtype=np.float32)
+    terminated = np.zeros((args.num_steps, args.num_envs), dtype=bool)
+    episode_ended = np.zeros((args.num_steps, args.num_envs), dtype=bool)
+    values = torch.zeros((args.num_steps + 1, args.num_envs), device=device)
+
+    next_obs, _ = envs.reset(seed=seed)
+    next_obs = torch.as_tensor(next_obs, dtype=torch.float32, device=device)
+    # True where the last step of the previous rollout ended an episode.
+    previous_rollout_ended = np.zeros(args.num_envs, dtype=bool)
+
+    iteration = start_iteration - 1  # the last iteration done: training_state saves it
+    for iteration in range(start_iteration, args.num_iterations + 1):
+        previous_step = global_step
+        if args.anneal_lr:
+            optimizer.param_groups[0]["lr"] = linear_schedule(
+                args.learning_rate, iteration, args.num_iterations
+            )
+
+        for step in range(args.num_steps):
+            global_step += args.num_envs
+            obs[step] = next_obs
+            with torch.inference_mode():
+                action, logprob, _, value = agent.get_action_and_value(next_obs)
+            values[step], actions[step], logprobs[step] = value, action, logprob
+
+            next_obs_np, rewards[step], terminated[step], truncated, infos = envs.step(action.cpu().numpy())
+            episode_ended[step] = terminated[step] | truncated
+            next_obs = torch.as_tensor(next_obs_np, dtype=torch.float32, device=device)
+            for i in np.flatnonzero(infos.get("_episode", [])):
+                run.log_episode(float(infos["episode"]["r"][i]), int(infos["episode"]["l"][i]), global_step)
+
+        with torch.inference_mode():
+            # After the last step: V(next obs), which is V(final obs) where an episode just ended.
+            values[args.num_steps] = agent.get_value(next_obs)
+            advantages, returns = compute_gae(
+                torch.as_tensor(rewards, device=device),
+                values,
+                torch.as_tensor(terminated, device=device),
+                torch.as_tensor(episode_ended, device=device),
+                args.gamma,
+                args.gae_lambda,
+            )
+
+        # Gymnasium >= 1.0 autoresets on the step *after* an episode ends: that step ignores the
+        # action and returns the reset observation with reward 0. It is not a transition, so it is
+        # dropped from the update rather than learned from. Flatten the rollout without those steps.
+        autoreset = np.concatenate([previous_rollout_ended[None], episode_ended[:-1]])
+        previous_rollout_ended = episode_ended[-1].copy()
+        keep = torch.as_tensor(~autoreset, device=device).reshape(-1)
+        b_obs = obs.reshape(-1, *obs_shape)[keep]
+        b_actions = actions.reshape(-1)[keep]
+        b_logprobs = logprobs.reshape(-1)[keep]
+        b_advantages = advantages.reshape(-1)[keep]
+        b_returns = returns.reshape(-1)[keep]
+        b_values = values[:-1].reshape(-1)[keep]
+
+        stats = update(
+            agent, optimizer, args, b_obs, b_actions, b_logprobs, b_advantages, b_returns, b_values
+        )
+
+        run.stop_if_not_finite(stats.pop("finite"), training_state, global_step)
+        if crossed(args.log_interval, global_step, previous_step):
+            losses = {f"losses/{key}": value for key, value in stats.items()}
+            run.log({**losses, "charts/learning_rate": optimizer.param_groups[0]["lr"]}, global_step)
+            if crossed(10 * args.log_interval, global_step, previous_step):
+                run.writer.add_histogram("losses/advantages", b_advantages, global_step)
+        run.advance(global_step)
+        run.checkpoint(training_state, global_step, previous_step)
+        if run.stop.requested:
+            break
+    envs.close()
+    run.end_training(training_state(), global_step)  # after Ctrl-C or SIGTERM: exits 130 or 143
+
+    video_folder = f"videos/{run_name}/eval" if args.capture_video else None
+    eval_returns = evaluate(
+        agent, args.env_id, args.eval_episodes, args.seed + EVAL_SEED_OFFSET, device, video_folder
+    )
+    for episode, episode_return in enumerate(eval_returns):
+        run.log({"eval/episodic_return": episode_return}, episode)
+    mean, std = eval_returns.mean(), eval_returns.std()
+    run.finish(global_step, f"eval return {mean:.2f} ± {std:.2f} over {len(eval_returns)} episodes")
+
+
+# ----------------------------------------------------------------------------------------------
+# Plumbing: validation, evaluation of a checkpoint, checkpoint files, logging and stop signals.
+# A first reading can stop here: nothing below changes what the algorithm computes.
+# ----------------------------------------------------------------------------------------------
+
+EVAL_SEED_OFFSET = 10_000  # evaluation envs get seed + this: episodes that training never saw
+
+
+def crossed(every: int, step: int, previous_step: int) -> bool:
+    """True when a multiple of `every` lies in (previous_step, step]: periodic work (logging,
+    checkpoints) is counted in environment steps, whatever the steps per iteration."""
+    return every > 0 and step // every != previous_step // every
+
+
+def fail(message: str) -> NoReturn:
+    """Report bad input as one line on stderr and exit with status 2 (no traceback)."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def validate(args: Args) -> None:
+    """Check every knob before any heavy work, so a typo costs a second, not a run."""
+    for name in (
+        "total_timesteps",
+        "num_envs",
+        "num_steps",
+        "num_minibatches",
+        "update_epochs",
+        "torch_threads",
+    ):
+        if getattr(args, name) <= 0:
+            fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.eval_episodes <= 0:
+        fail(f"--eval-episodes must be positive, got {args.eval_episodes}")
+    for name in ("checkpoint_freq", "log_interval"):
+        if getattr(args, name) < 0:
+            fail(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if args.batch_size % args.num_minibatches:
+        fail(
+            f"--num-minibatches {args.num_minibatches} does not divide the batch of "
+            f"{args.batch_size} (= num_envs {args.num_envs} x num_steps {args.num_steps})"
+        )
+    for name in ("gamma", "gae_lambda"):
+        if not 0.0 <= getattr(args, name) <= 1.0:
+            fail(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}")
+    for name in ("learning_rate", "clip_coef", "max_grad_norm", "hidden_size"):
+        if getattr(args, name) <= 0:
+            fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.target_kl is not None and args.target_kl <= 0:
+        fail(f"--target-kl must be positive (or omitted), got {args.target_kl}")
+    if args.resume and args.eval_checkpoint:
+        fail("give either --resume or --eval-checkpoint, not both")
+    check_env(args.env_id)
+
+
+def check_env(env_id: str) -> None:
+    """Fail with suggestions for an unknown id, and with an explanation for unusable spaces."""
+    if env_id not in gym.registry:
+        close = difflib.get_close_matches(env_id, list(gym.registry), n=3, cutoff=0.5)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        fail(f"unknown environment id {env_id!r}{hint}")
+    env = gym.make(env_id)
+    observation_space, action_space = env.observation_space, env.action_space
+    env.close()
+    if not isinstance(action_space, gym.spaces.Discrete):
+        fail(f"{env_id} has a {type(action_space).__name__} action space; this script needs Discrete")
+    if not isinstance(observation_space, gym.spaces.Box) or len(observation_space.shape) != 1:
+        fail(f"{env_id} observations are {observation_space}; this script needs a 1-D Box")
+
+
+def parse_args(argv: list[str] | None = None) -> Args:
+    """The command line as Args. With --resume or --eval-checkpoint, every flag left out takes the
+    checkpoint's setting, so `--resume PATH` alone continues the run that PATH belongs to."""
+    args = tyro.cli(Args, args=argv)
+    path = args.resume or args.eval_checkpoint
+    if path is None:
+        return args
+    saved_args = load_checkpoint(path)["args"]
+    known = {field.name for field in fields(Args)}
+    defaults = Args(**{name: value for name, value in saved_args.items() if name in known})
+    defaults.resume = defaults.eval_checkpoint = None
+    return tyro.cli(Args, args=argv, default=defaults)
+
+
+# Flags that may differ between a run and its resumption (budget, logging, tracking); every other
+# setting must match the checkpoint's, or the resumed run would silently be a different experiment.
+RESUME_MAY_CHANGE = {
+    "total_timesteps", "resume", "eval_checkpoint", "eval_episodes", "cuda", "torch_threads", "track",
+    "wandb_project_name", "wandb_entity", "wandb_group", "capture_video", "save_model",
+    "checkpoint_freq", "log_interval",
+}  # fmt: skip
+# Settings that shape the environment or the network: --eval-checkpoint may not change them.
+MODEL_SETTINGS = {"env_id", "hidden_size"}
+
+
+def check_settings(args: Args, saved_args: dict, may_change: set[str]) -> None:
+    """Refuse, in one line, a flag given against the checkpoint's setting. (parse_args has already
+    made every flag left out equal to it; only the settings in `may_change` may differ.)"""
+    for name, saved in saved_args.items():
+        current = getattr(args, name, saved)
+        if name not in may_change and current != saved:
+            flag = "--" + name.replace("_", "-")
+            fail(
+                f"{flag} is {current!r} but the checkpoint was trained with {saved!r}; "
+                "leave the flag out to keep the checkpoint's setting"
+            )
+
+
+def seed_everything(seed: int, torch_deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.backends.cudnn.deterministic = torch_deterministic
+    torch.backends.cudnn.benchmark = not torch_deterministic
+
+
+def pick_device(want_cuda: bool, torch_threads: int) -> torch.device:
+    """The GPU when asked for and present, else the CPU with a notice; `torch_threads` CPU threads."""
+    torch.set_num_threads(torch_threads)
+    if want_cuda and torch.cuda.is_available():
+        return torch.device("cuda")
+    if want_cuda:
+        print("note: no CUDA device found, training on the CPU", file=sys.stderr)
+    return torch.device("cpu")
+
+
+def build_agent(env_id: str, hidden_size: int, device: torch.device) -> Agent:
+    env = gym.make(env_id)
+    agent = Agent(int(np.prod(env.observation_space.shape)), int(env.action_space.n), hidden_size)
+    env.close()
+    return agent.to(device)
+
+
+def restore(
+    checkpoint: dict, path: str, agent: Agent, optimizer: torch.optim.Optimizer | None = None
+) -> None:
+    """Load the saved weights (and optimiser state); a mismatch fails with one line."""
+    try:
+        agent.load_state_dict(checkpoint["model"])
+        if optimizer is not None:
+            optimizer.load_state_dict(checkpoint["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as error:
+        fail(f"{path} does not match this network ({str(error).splitlines()[0]})")
 
 
 @torch.inference_mode()
@@ -388,6 +631,24 @@ def evaluate(
     return np.array(returns)
 
 
+def evaluate_checkpoint(args: Args) -> None:
+    """--eval-checkpoint: rebuild the agent from the saved settings and run the greedy policy with
+    the same evaluation seed as the end of training, so the figures are the same."""
+    checkpoint = load_checkpoint(args.eval_checkpoint)
+    check_settings(args, checkpoint["args"], may_change=set(checkpoint["args"]) - MODEL_SETTINGS)
+    device = pick_device(args.cuda, args.torch_threads)
+    agent = build_agent(args.env_id, args.hidden_size, device)
+    restore(checkpoint, args.eval_checkpoint, agent)
+    video_folder = f"videos/{checkpoint['run_name']}/eval-checkpoint" if args.capture_video else None
+    returns = evaluate(
+        agent, args.env_id, args.eval_episodes, args.seed + EVAL_SEED_OFFSET, device, video_folder
+    )
+    print(
+        f"eval return {returns.mean():.2f} ± {returns.std():.2f} over {len(returns)} episodes"
+        f" ({args.eval_checkpoint})"
+    )
+
+
 def save_checkpoint(path: Path, state: dict) -> None:
     """Write atomically: a crash mid-write leaves the previous checkpoint intact."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -396,320 +657,157 @@ def save_checkpoint(path: Path, state: dict) -> None:
     os.replace(temporary, path)
 
 
-def load_checkpoint(path: str, env_id: str) -> dict:
-    """Load and check a checkpoint of this script for `env_id`; fail with one line otherwise."""
+def load_checkpoint(path: str) -> dict:
+    """Load a checkpoint of this script's kind; anything else fails with one line."""
     if not Path(path).is_file():
         fail(f"checkpoint {path} does not exist")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
         fail(f"{path} is not a readable checkpoint ({type(error).__name__}); it may be truncated")
-    if not isinstance(checkpoint, dict) or "script" not in checkpoint:
+    if not isinstance(checkpoint, dict) or "kind" not in checkpoint or "args" not in checkpoint:
         fail(f"{path} is not a checkpoint of this project")
-    if checkpoint["script"] != SCRIPT:
-        fail(f"{path} was saved by {checkpoint['script']}.py, not {SCRIPT}.py")
-    if checkpoint["env_id"] != env_id:
-        fail(
-            f"{path} was saved for {checkpoint['env_id']}, not {env_id}; pass --env-id {checkpoint['env_id']}"
-        )
+    if checkpoint["kind"] != CHECKPOINT_KIND:
+        fail(f"{path} holds a {checkpoint['kind']} checkpoint; this script trains {CHECKPOINT_KIND}")
     return checkpoint
 
 
-# Flags that may differ between a run and its resumption; every other setting must match the
-# checkpoint's, or the resumed run would silently be a different experiment.
-RESUME_MAY_CHANGE = {
-    "total_timesteps", "resume", "eval_checkpoint", "eval_episodes", "cuda", "track",
-    "wandb_project_name", "wandb_entity", "capture_video", "save_model", "checkpoint_freq",
-}  # fmt: skip
-
-
-def check_resume_args(args: Args, saved_args: dict) -> None:
-    for name, saved in saved_args.items():
-        current = getattr(args, name, saved)
-        if name not in RESUME_MAY_CHANGE and current != saved:
-            flag = "--" + name.replace("_", "-")
-            fail(
-                f"{flag} is {current!r} but the checkpoint was trained with {saved!r}; resume with the same settings"
-            )
-
-
-def seed_everything(seed: int, torch_deterministic: bool) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    torch.backends.cudnn.deterministic = torch_deterministic
-    torch.backends.cudnn.benchmark = not torch_deterministic
-
-
-def pick_device(want_cuda: bool) -> torch.device:
-    if want_cuda and torch.cuda.is_available():
-        return torch.device("cuda")
-    if want_cuda:
-        print("note: no CUDA device found, training on the CPU", file=sys.stderr)
-    return torch.device("cpu")
-
-
-def build_agent(env_id: str, hidden_size: int, device: torch.device) -> Agent:
-    env = gym.make(env_id)
-    agent = Agent(int(np.prod(env.observation_space.shape)), int(env.action_space.n), hidden_size)
-    env.close()
-    return agent.to(device)
-
-
-def evaluate_checkpoint(args: Args) -> None:
-    """--eval-checkpoint: rebuild the agent from the saved args and run the greedy policy."""
-    checkpoint = load_checkpoint(args.eval_checkpoint, args.env_id)
-    device = pick_device(args.cuda)
-    agent = build_agent(args.env_id, checkpoint["args"]["hidden_size"], device)
-    agent.load_state_dict(checkpoint["model"])
-    run_name = checkpoint["run_name"]
-    video_folder = f"videos/{run_name}/eval-checkpoint" if args.capture_video else None
-    returns = evaluate(agent, args.env_id, args.eval_episodes, args.seed, device, video_folder)
-    print(
-        f"eval: return {returns.mean():.2f} ± {returns.std():.2f} over {len(returns)} episodes"
-        f" ({args.eval_checkpoint})"
-    )
-
-
-class InterruptFlag:
-    """First Ctrl-C asks the loop to stop at the end of the iteration (and save); a second aborts."""
+class StopFlag:
+    """Ctrl-C (SIGINT) or SIGTERM (job schedulers, `timeout`, `docker stop`) asks the training loop
+    to stop at the end of the iteration and save; a second signal aborts at once."""
 
     def __init__(self):
-        self.requested = False
-        signal.signal(signal.SIGINT, self._handle)
+        self.signum: int | None = None
+        # SDL (pygame renders CartPole and Flappy Bird) installs its own SIGINT/SIGTERM handlers
+        # when it starts, which would swallow SIGTERM; this hint tells it not to.
+        os.environ.setdefault("SDL_NO_SIGNAL_HANDLERS", "1")
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, self._handle)
 
     def _handle(self, signum, frame):
-        if self.requested:
+        if self.signum is not None:
             raise KeyboardInterrupt
-        self.requested = True
+        self.signum = signum
+        name = signal.Signals(signum).name
         print(
-            "\nstopping after this iteration (Ctrl-C again to abort without saving)",
+            f"\n{name}: stopping after this iteration (send it again to abort without saving)",
             file=sys.stderr,
         )
 
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
 
-def main(args: Args) -> None:
-    validate(args)
-    if args.eval_checkpoint:
-        evaluate_checkpoint(args)
-        return
+    @property
+    def exit_code(self) -> int:
+        """128 + the signal number, as a shell reports a process ended by it (130, 143)."""
+        return 128 + self.signum
 
-    checkpoint = load_checkpoint(args.resume, args.env_id) if args.resume else None
-    if checkpoint is not None:
-        check_resume_args(args, checkpoint["args"])
-        run_name = checkpoint["run_name"]
-        start_iteration = checkpoint["iteration"] + 1
-        global_step = checkpoint["global_step"]
-    else:
-        run_name = f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"
-        start_iteration, global_step = 1, 0
-    run_dir = Path("runs") / run_name
-    checkpoint_path = run_dir / f"{args.exp_name}.pt"
 
-    if args.track:
-        import wandb
+class Run:
+    """What the training loop does besides the algorithm, behind a few calls: TensorBoard (and
+    W&B) logging, the progress bar, checkpoint files and the stop flag of Ctrl-C and SIGTERM."""
 
-        wandb.init(
-            project=args.wandb_project_name,
-            entity=args.wandb_entity,
-            sync_tensorboard=True,
-            config=vars(args),
-            name=run_name,
-            save_code=True,
-        )
-    writer = SummaryWriter(str(run_dir))
-    writer.add_text(
-        "hyperparameters",
-        "|param|value|\n|-|-|\n" + "\n".join(f"|{key}|{value}|" for key, value in vars(args).items()),
-    )
+    def __init__(self, args: Args, run_name: str, total_steps: int, global_step: int):
+        self.args = args
+        self.dir = Path("runs") / run_name
+        self.checkpoint_path = self.dir / f"{args.exp_name}.pt"
+        # Before anything renders, so that SDL finds the handlers in place.
+        self.stop = StopFlag()
+        if args.track:
+            import wandb
 
-    # A resumed run reseeds with an offset so it does not replay the random stream of its start.
-    seed = args.seed + (start_iteration - 1)
-    seed_everything(seed, args.torch_deterministic)
-    device = pick_device(args.cuda)
-    # A 64-unit MLP is too small to gain from intra-op threads: on the CPU their synchronisation
-    # costs more than the arithmetic (measured 10x slower with 2 threads on a loaded 2-core box).
-    torch.set_num_threads(1)
-
-    envs = make_envs(args.env_id, args.num_envs)
-    agent = build_agent(args.env_id, args.hidden_size, device)
-    # eps=1e-5 rather than 1e-8 (as in the reference PPO implementation); fused: one kernel for all
-    # parameters instead of a loop of small ones.
-    optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, fused=True)
-    if checkpoint is not None:
-        try:
-            agent.load_state_dict(checkpoint["model"])
-            optimizer.load_state_dict(checkpoint["optimizer"])
-        except (RuntimeError, ValueError, KeyError) as error:
-            fail(f"{args.resume} does not match these args ({str(error).splitlines()[0]})")
-
-    def training_state(iteration: int) -> dict:
-        return {
-            "script": SCRIPT,
-            "env_id": args.env_id,
-            "run_name": run_name,
-            "args": asdict(args),
-            "global_step": global_step,
-            "iteration": iteration,
-            "model": agent.state_dict(),
-            "optimizer": optimizer.state_dict(),
-        }
-
-    # Rollout storage, preallocated: no per-step Python lists of tensors. What the network produces
-    # lives on its device; what the envs return (rewards, done flags) stays in NumPy until the
-    # rollout is complete and goes to the device in one copy per array, not one per step.
-    obs_shape = envs.single_observation_space.shape
-    obs = torch.zeros((args.num_steps, args.num_envs, *obs_shape), device=device)
-    actions = torch.zeros((args.num_steps, args.num_envs), dtype=torch.long, device=device)
-    logprobs = torch.zeros((args.num_steps, args.num_envs), device=device)
-    rewards = np.zeros((args.num_steps, args.num_envs), dtype=np.float32)
-    terminated = np.zeros((args.num_steps, args.num_envs), dtype=bool)
-    episode_ended = np.zeros((args.num_steps, args.num_envs), dtype=bool)
-    values = torch.zeros((args.num_steps + 1, args.num_envs), device=device)
-
-    next_obs, _ = envs.reset(seed=seed)
-    next_obs = torch.as_tensor(next_obs, dtype=torch.float32, device=device)
-    # True where the last step of the previous rollout ended an episode.
-    previous_rollout_ended = np.zeros(args.num_envs, dtype=bool)
-
-    recent_returns: deque[float] = deque(maxlen=20)
-    interrupt = InterruptFlag()
-    start_time = time.time()
-    start_step = global_step
-    progress = tqdm(
-        total=args.num_iterations * args.batch_size,
-        initial=global_step,
-        unit="step",
-        dynamic_ncols=True,
-    )
-    iteration = start_iteration - 1
-    for iteration in range(start_iteration, args.num_iterations + 1):
-        if args.anneal_lr:
-            optimizer.param_groups[0]["lr"] = linear_schedule(
-                args.learning_rate, iteration, args.num_iterations
+            wandb.init(
+                project=args.wandb_project_name,
+                entity=args.wandb_entity,
+                group=args.wandb_group or args.exp_name,
+                name=run_name,
+                # The id follows from the run name, so a resumed run continues the same W&B run.
+                id=hashlib.sha256(run_name.encode()).hexdigest()[:16],
+                resume="allow",
+                config=asdict(args),
+                sync_tensorboard=True,
+                save_code=True,
             )
-
-        for step in range(args.num_steps):
-            global_step += args.num_envs
-            obs[step] = next_obs
-            with torch.inference_mode():
-                action, logprob, _, value = agent.get_action_and_value(next_obs)
-            values[step] = value
-            actions[step] = action
-            logprobs[step] = logprob
-
-            next_obs_np, rewards[step], terminated[step], truncated, infos = envs.step(action.cpu().numpy())
-            episode_ended[step] = terminated[step] | truncated
-            next_obs = torch.as_tensor(next_obs_np, dtype=torch.float32, device=device)
-
-            if "episode" in infos:
-                for env_index in np.flatnonzero(infos["_episode"]):
-                    episode_return = float(infos["episode"]["r"][env_index])
-                    writer.add_scalar("charts/episodic_return", episode_return, global_step)
-                    writer.add_scalar(
-                        "charts/episodic_length", int(infos["episode"]["l"][env_index]), global_step
-                    )
-                    recent_returns.append(episode_return)
-
-        with torch.inference_mode():
-            # After the last step: V(next obs), which is V(final obs) where an episode just ended.
-            values[args.num_steps] = agent.get_value(next_obs)
-            advantages, returns = compute_gae(
-                torch.as_tensor(rewards, device=device),
-                values,
-                torch.as_tensor(terminated, device=device),
-                torch.as_tensor(episode_ended, device=device),
-                args.gamma,
-                args.gae_lambda,
-            )
-
-        # Gymnasium >= 1.0 autoresets on the step *after* an episode ends: that step ignores the
-        # action and returns the reset observation with reward 0. It is not a transition, so it is
-        # dropped from the update rather than learned from. Flatten the rollout without those steps.
-        autoreset = np.concatenate([previous_rollout_ended[None], episode_ended[:-1]])
-        previous_rollout_ended = episode_ended[-1].copy()
-        keep = torch.as_tensor(~autoreset, device=device).reshape(-1)
-        b_obs = obs.reshape(-1, *obs_shape)[keep]
-        b_actions = actions.reshape(-1)[keep]
-        b_logprobs = logprobs.reshape(-1)[keep]
-        b_advantages = advantages.reshape(-1)[keep]
-        b_returns = returns.reshape(-1)[keep]
-        b_values = values[:-1].reshape(-1)[keep]
-
-        stats = update(
-            agent, optimizer, args, b_obs, b_actions, b_logprobs, b_advantages, b_returns, b_values
+        self.writer = SummaryWriter(str(self.dir))
+        self.writer.add_text(
+            "hyperparameters",
+            "|param|value|\n|-|-|\n" + "\n".join(f"|{key}|{value}|" for key, value in asdict(args).items()),
         )
-        if not stats["finite"] or not all(p.isfinite().all() for p in agent.parameters()):
-            nan_path = run_dir / f"{args.exp_name}_nan.pt"
-            save_checkpoint(nan_path, training_state(iteration))
-            progress.close()
-            print(
-                f"error: loss became non-finite at step {global_step}; state saved to {nan_path}",
-                file=sys.stderr,
+        self.start_step, self.start_time = global_step, time.time()
+        self.recent_returns: deque[float] = deque(maxlen=20)
+        self.progress = tqdm(total=total_steps, initial=global_step, unit="step", dynamic_ncols=True)
+
+    def log_episode(self, episodic_return: float, length: int, global_step: int) -> None:
+        """One finished training episode, with its true (unclipped, unscaled) return."""
+        self.writer.add_scalar("charts/episodic_return", episodic_return, global_step)
+        self.writer.add_scalar("charts/episodic_length", length, global_step)
+        self.recent_returns.append(episodic_return)
+
+    def log(self, scalars: dict[str, float], global_step: int) -> None:
+        for key, value in scalars.items():
+            self.writer.add_scalar(key, value, global_step)
+
+    def advance(self, global_step: int) -> int:
+        """Move the progress bar to `global_step` and log charts/SPS; return the steps per second."""
+        sps = int((global_step - self.start_step) / max(time.time() - self.start_time, 1e-6))
+        self.writer.add_scalar("charts/SPS", sps, global_step)
+        self.progress.update(global_step - self.progress.n)
+        if self.recent_returns:
+            self.progress.set_postfix(sps=sps, ret=f"{np.mean(self.recent_returns):.1f}", refresh=False)
+        return sps
+
+    def checkpoint(self, state: Callable[[], dict], global_step: int, previous_step: int) -> None:
+        """Every --checkpoint-freq steps: refresh the checkpoint and keep a copy named by its step."""
+        if self.args.save_model and crossed(self.args.checkpoint_freq, global_step, previous_step):
+            saved = state()
+            save_checkpoint(self.checkpoint_path, saved)
+            kept = (
+                self.dir
+                / "checkpoints"
+                / f"{self.checkpoint_path.stem}_{global_step:012d}{self.checkpoint_path.suffix}"
             )
-            sys.exit(1)
+            save_checkpoint(kept, saved)
 
-        sps = int((global_step - start_step) / (time.time() - start_time))
-        writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
-        writer.add_scalar("charts/SPS", sps, global_step)
-        for key in (
-            "policy_loss",
-            "value_loss",
-            "entropy",
-            "old_approx_kl",
-            "approx_kl",
-            "clipfrac",
-            "ratio_mean",
-            "ratio_max",
-        ):
-            writer.add_scalar(f"losses/{key}", stats[key], global_step)
-        writer.add_scalar("losses/explained_variance", explained_variance(b_values, b_returns), global_step)
-        if iteration % 10 == 1:
-            writer.add_histogram("losses/advantages", b_advantages, global_step)
+    def stop_if_not_finite(self, finite: bool, state: Callable[[], dict], global_step: int) -> None:
+        """A NaN or infinite loss or weight ends the run: save the state for inspection, exit 1."""
+        if finite:
+            return
+        path = self.dir / f"{self.checkpoint_path.stem}_nan{self.checkpoint_path.suffix}"
+        save_checkpoint(path, state())
+        self.progress.close()
+        print(f"error: loss became non-finite at step {global_step}; state saved to {path}", file=sys.stderr)
+        sys.exit(1)
 
-        progress.update(args.batch_size)
-        if recent_returns:
-            progress.set_postfix(sps=sps, ret=f"{np.mean(recent_returns):.1f}", refresh=False)
+    def end_training(self, state: dict, global_step: int) -> None:
+        """Save the final checkpoint; if a stop signal ended training, say where it is and exit."""
+        self.progress.close()
+        if self.args.save_model:
+            save_checkpoint(self.checkpoint_path, state)
+        if self.stop.requested:
+            self.writer.close()
+            where = (
+                f": checkpoint saved to {self.checkpoint_path} (continue with --resume {self.checkpoint_path})"
+                if self.args.save_model
+                else ""
+            )
+            print(f"interrupted at step {global_step}{where}", file=sys.stderr)
+            sys.exit(self.stop.exit_code)
 
-        if (
-            args.save_model
-            and args.checkpoint_freq
-            and global_step // args.checkpoint_freq != (global_step - args.batch_size) // args.checkpoint_freq
-        ):
-            save_checkpoint(checkpoint_path, training_state(iteration))
-        if interrupt.requested:
-            break
-    progress.close()
-    envs.close()
+    def finish(self, global_step: int, result: str) -> None:
+        """Close the loggers and print the one summary line: steps, time, evaluation, checkpoint."""
+        self.writer.close()
+        if self.args.track:
+            import wandb
 
-    if args.save_model:
-        save_checkpoint(checkpoint_path, training_state(iteration))
-    if interrupt.requested:
-        writer.close()
-        where = (
-            f": checkpoint saved to {checkpoint_path} (continue with --resume {checkpoint_path})"
-            if args.save_model
-            else ""
+            wandb.finish()
+        elapsed = time.time() - self.start_time
+        saved = f"; checkpoint {self.checkpoint_path}" if self.args.save_model else ""
+        print(
+            f"done: {global_step} steps in {elapsed:.1f}s ({(global_step - self.start_step) / elapsed:.0f} steps/s); "
+            f"{result}{saved}"
         )
-        print(f"interrupted at step {global_step}{where}", file=sys.stderr)
-        sys.exit(130)
-
-    video_folder = f"videos/{run_name}/eval" if args.capture_video else None
-    eval_returns = evaluate(agent, args.env_id, args.eval_episodes, args.seed + 10_000, device, video_folder)
-    for episode, episode_return in enumerate(eval_returns):
-        writer.add_scalar("eval/episodic_return", episode_return, episode)
-    writer.close()
-    if args.track:
-        import wandb
-
-        wandb.finish()
-    elapsed = time.time() - start_time
-    saved = f"; checkpoint {checkpoint_path}" if args.save_model else ""
-    print(
-        f"done: {global_step} steps in {elapsed:.1f}s ({(global_step - start_step) / elapsed:.0f} steps/s); "
-        f"eval return {eval_returns.mean():.2f} ± {eval_returns.std():.2f} over {len(eval_returns)} episodes{saved}"
-    )
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    main(parse_args())

@@ -8,8 +8,10 @@ streams, and the TensorBoard scalars the run wrote, so tests can assert on logge
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import struct
 import subprocess
 import sys
 import tempfile
@@ -102,12 +104,15 @@ def run_script_in(
     env: dict[str, str] | None = None,
     timeout: float = 600,
     interrupt_when: Callable[[Path], bool] | None = None,
+    interrupt_signals: tuple[int, ...] = (signal.SIGINT,),
 ) -> ScriptResult:
     """Run `python ROOT/script *args` with `workdir` as the current directory.
 
     `env` adds variables to the headless environment. `interrupt_when(workdir)` is polled while
-    the script runs; once it returns True the script gets SIGINT (Ctrl-C), to test the
-    save-on-interrupt path at a point the test chooses rather than after a guessed delay.
+    the script runs; once it returns True the script gets `interrupt_signals` (default: one SIGINT,
+    Ctrl-C; SIGTERM is what job schedulers, `timeout` and `docker stop` send), one after another
+    0.2 s apart, to test the save-on-interrupt path at a point the test chooses rather than after a
+    guessed delay.
     """
     workdir.mkdir(parents=True, exist_ok=True)
     full_env = {**os.environ, **HEADLESS_ENV, **(env or {})}
@@ -124,7 +129,11 @@ def run_script_in(
                 err.seek(0)
                 raise AssertionError(f"{script} {' '.join(args)} ran past {timeout}s\n{err.read()[-4000:]}")
             if interrupt_when is not None and not interrupted and interrupt_when(workdir):
-                process.send_signal(signal.SIGINT)
+                for index, signum in enumerate(interrupt_signals):
+                    if index:
+                        time.sleep(0.2)
+                    if process.poll() is None:
+                        process.send_signal(signum)
                 interrupted = True
             time.sleep(0.05)
         out.seek(0)
@@ -145,3 +154,52 @@ def run_script(tmp_path):
         return run_script_in(tmp_path, script, *args, **kwargs)
 
     return run
+
+
+@dataclass
+class WandbRun:
+    """What an offline W&B run recorded about itself."""
+
+    run_id: str
+    name: str
+    group: str
+    config: dict
+    resumed: bool
+
+
+def read_wandb_runs(workdir: Path) -> list[WandbRun]:
+    """The run records of every offline W&B run under `workdir/wandb`, oldest first.
+
+    An offline run stores its records in `run-<id>.wandb`, a LevelDB-style log: after a 7-byte
+    file header, 32 KiB blocks of chunks, each with a 7-byte header (crc32, length, type: 1 full,
+    2 first, 3 middle, 4 last). Each whole record is a `wandb_internal_pb2.Record` protobuf.
+    """
+    from wandb.proto import wandb_internal_pb2
+
+    runs = []
+    for path in sorted((workdir / "wandb").glob("offline-run-*/run-*.wandb")):
+        data = path.read_bytes()
+        assert data[:4] == b":W&B", f"{path} is not a W&B run file"
+        position, block, pending = 7, 32768, b""
+        while position + 7 <= len(data):
+            left_in_block = block - position % block
+            if left_in_block < 7:  # a block's tail too short for a header is padding
+                position += left_in_block
+                continue
+            length, kind = struct.unpack("<HB", data[position + 4 : position + 7])
+            pending += data[position + 7 : position + 7 + length]
+            position += 7 + length
+            if kind in (1, 4):
+                record = wandb_internal_pb2.Record()
+                record.ParseFromString(pending)
+                pending = b""
+                if record.WhichOneof("record_type") == "run":
+                    run = record.run
+                    config = {item.key: json.loads(item.value_json) for item in run.config.update}
+                    config = {
+                        key: value.get("value", value) if isinstance(value, dict) else value
+                        for key, value in config.items()
+                    }
+                    runs.append(WandbRun(run.run_id, run.display_name, run.run_group, config, run.resumed))
+                    break
+    return runs

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import re
+import shutil
+import signal
 import sys
 
 import numpy as np
 import pytest
 import torch
-import tyro
-from conftest import ROOT
+from conftest import ROOT, read_scalars, read_wandb_runs, run_script_in
 
 sys.path.insert(0, str(ROOT))
 import ppo_cartpole  # noqa: E402
@@ -176,11 +178,64 @@ def test_network_initialisation_gives_near_uniform_policy():
     )  # orthogonal, gain sqrt 2
 
 
+def test_update_skips_empty_minibatches_and_an_empty_batch():
+    """Defect 5: dropping autoreset steps can leave fewer samples than minibatches."""
+    torch.manual_seed(0)
+    agent = ppo_cartpole.Agent(4, 2)
+    optimizer = torch.optim.Adam(agent.parameters(), lr=1e-3)
+    args = ppo_cartpole.Args(num_minibatches=4, update_epochs=2)
+    three = (torch.randn(3, 4), torch.tensor([0, 1, 0]), *torch.randn(4, 3))
+    stats = ppo_cartpole.update(agent, optimizer, args, *three)
+    assert stats.pop("finite") is True
+    assert all(np.isfinite(value) for key, value in stats.items() if key != "explained_variance"), stats
+    empty = (torch.zeros(0, 4), torch.zeros(0, dtype=torch.long), *torch.zeros(4, 0))
+    assert ppo_cartpole.update(agent, optimizer, args, *empty) == {"finite": True}
+
+
 # --- the CLI ---------------------------------------------------------------------------------
 
+FIGURES = re.compile(r"eval return (\S+) ± (\S+) over (\d+) episodes")
 
-def test_smoke_run_logs_every_key_and_saves_a_checkpoint(run_script):
-    result = run_script(SCRIPT, *TINY)
+
+def eval_figures(output: str) -> tuple[str, str, str]:
+    """(mean, std, episodes) of the one `eval return X ± Y over N episodes` sentence."""
+    (figures,) = FIGURES.findall(output)
+    return figures
+
+
+@pytest.fixture
+def in_tmp(tmp_path, monkeypatch):
+    """For tests that call main in this process: run in tmp_path (a regression cannot write runs/
+    into the checkout) and put back what main changes process-wide (signal handlers, threads)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SDL_NO_SIGNAL_HANDLERS", "1")
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    threads = torch.get_num_threads()
+    yield tmp_path
+    for signum, handler in handlers.items():
+        signal.signal(signum, handler)
+    torch.set_num_threads(threads)
+
+
+def main_in_process(*argv: str) -> None:
+    """The script's real command line (parse_args, then main), in this process."""
+    ppo_cartpole.main(ppo_cartpole.parse_args(list(map(str, argv))))
+
+
+def run_in_process(capsys, *argv: str) -> tuple[int, list[str]]:
+    """Run main on `argv`, which must exit; return (exit code, stderr lines).
+
+    Bad input must be rejected before any heavy work, so these cases run in-process: the same
+    code path as the command line without paying an interpreter start per case.
+    """
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main_in_process(*argv)
+    return exit_info.value.code, capsys.readouterr().err.strip().splitlines()
+
+
+def test_smoke_run_logs_every_key_saves_a_checkpoint_and_tracks_with_wandb(run_script):
+    result = run_script(SCRIPT, *TINY, "--track")
     assert result.returncode == 0, result.describe()
     for key in (
         "charts/episodic_return", "charts/episodic_length", "charts/learning_rate", "charts/SPS",
@@ -202,17 +257,17 @@ def test_smoke_run_logs_every_key_and_saves_a_checkpoint(run_script):
     assert len(result.values("eval/episodic_return")) == 2
     (checkpoint,) = result.checkpoints()
     state = torch.load(checkpoint, weights_only=True)
-    assert (
-        state["script"] == "ppo_cartpole"
-        and state["env_id"] == "CartPole-v1"
-        and state["global_step"] == 1024
-    )
+    assert state["kind"] == "ppo-discrete-mlp/1" and "script" not in state
+    assert state["env_id"] == "CartPole-v1" and state["global_step"] == 1024
     assert result.stdout.strip().splitlines()[-1].startswith("done: 1024 steps")
+    # W&B: grouped by the experiment name, with the args as config.
+    (wandb_run,) = read_wandb_runs(result.workdir)
+    assert wandb_run.name == checkpoint.parent.name and wandb_run.group == "ppo_cartpole"
+    assert wandb_run.config["seed"] == 1 and wandb_run.config["env_id"] == "CartPole-v1"
+    assert wandb_run.config["num_envs"] == 4 and wandb_run.config["num_steps"] == 64
 
 
 def test_same_seed_gives_identical_logged_numbers(tmp_path):
-    from conftest import run_script_in
-
     first = run_script_in(tmp_path / "a", SCRIPT, *TINY, "--no-save-model")
     second = run_script_in(tmp_path / "b", SCRIPT, *TINY, "--no-save-model")
     assert first.returncode == 0 and second.returncode == 0, first.describe() + second.describe()
@@ -227,94 +282,159 @@ def test_same_seed_gives_identical_logged_numbers(tmp_path):
     assert third.scalars["losses/policy_loss"] != first.scalars["losses/policy_loss"]
 
 
-def test_eval_checkpoint_evaluates_the_saved_policy(run_script):
-    trained = run_script(SCRIPT, *TINY)
+def test_checkpoint_alone_evaluates_and_resumes_with_its_own_settings(
+    run_script, tmp_path, monkeypatch, capsys
+):
+    """Defects 3 and 9: train with non-default settings, then give only the checkpoint's path."""
+    trained = run_script(
+        SCRIPT, "--seed", "9", "--total-timesteps", "512", "--num-envs", "2", "--num-steps", "64",
+        "--hidden-size", "32", "--eval-episodes", "3",
+    )  # fmt: skip
     assert trained.returncode == 0, trained.describe()
     (checkpoint,) = trained.checkpoints()
-    evaluated = run_script(
-        SCRIPT, "--eval-checkpoint", str(checkpoint), "--eval-episodes", "3", "--capture-video"
-    )
+    final_figures = eval_figures(trained.stdout)
+    assert final_figures[2] == "3"
+
+    # The same figures as the end of training: the same network, weights and evaluation seed.
+    evaluated = run_script(SCRIPT, "--eval-checkpoint", checkpoint, "--capture-video")
     assert evaluated.returncode == 0, evaluated.describe()
-    line = evaluated.stdout.strip().splitlines()[-1]
-    assert line.startswith("eval: return ") and "over 3 episodes" in line
+    assert eval_figures(evaluated.stdout) == final_figures
     assert len(list((evaluated.workdir / "videos").rglob("*.mp4"))) == 3
 
+    # A renamed copy of the script still loads the checkpoint: it is identified by its kind.
+    renamed = tmp_path / "elsewhere" / "other_name.py"
+    renamed.parent.mkdir()
+    shutil.copy(ROOT / SCRIPT, renamed)
+    evaluated_by_copy = run_script(renamed, "--eval-checkpoint", checkpoint)
+    assert evaluated_by_copy.returncode == 0, evaluated_by_copy.describe()
+    assert eval_figures(evaluated_by_copy.stdout) == final_figures
 
-def test_resume_continues_to_the_same_final_step(run_script):
-    first = run_script(SCRIPT, *TINY)
-    assert first.returncode == 0, first.describe()
-    (checkpoint,) = first.checkpoints()
-    changed = run_script(
-        SCRIPT,
-        "--total-timesteps",
-        "2048",
-        "--num-envs",
-        "4",
-        "--num-steps",
-        "32",
-        "--resume",
-        str(checkpoint),
+    # --resume PATH with only safe flags continues the run: seed 9, 2 envs, 32 hidden units.
+    resumed = run_script(
+        SCRIPT, "--resume", checkpoint, "--total-timesteps", "1024", "--track", "--wandb-group", "g"
     )
-    assert (
-        changed.returncode == 2
-        and "--num-steps is 32 but the checkpoint was trained with 64" in changed.stderr
-    )
-
-    resumed = run_script(SCRIPT, "--total-timesteps", "2048", *SHAPE, "--resume", str(checkpoint))
     assert resumed.returncode == 0, resumed.describe()
     assert resumed.checkpoints() == [checkpoint]  # same run folder, same file
     state = torch.load(checkpoint, weights_only=True)
+    assert state["global_step"] == 1024 and state["iteration"] == 8
+    assert (state["args"]["seed"], state["args"]["num_envs"], state["args"]["hidden_size"]) == (9, 2, 32)
+    assert resumed.steps("charts/SPS") == list(range(128, 1025, 128))  # 1..4 first, 5..8 resumed
+    (wandb_run,) = read_wandb_runs(resumed.workdir)
+    assert wandb_run.group == "g" and wandb_run.config["seed"] == 9 and wandb_run.config["num_envs"] == 2
+
+    # An explicit flag against the checkpoint's setting is refused in one line.
+    monkeypatch.chdir(tmp_path)
+    refused = {
+        ("--resume", "--num-envs", "4"): "--num-envs is 4 but the checkpoint was trained with 2",
+        ("--resume", "--seed", "1"): "--seed is 1 but the checkpoint was trained with 9",
+        (
+            "--eval-checkpoint",
+            "--hidden-size",
+            "64",
+        ): "--hidden-size is 64 but the checkpoint was trained with 32",
+        ("--eval-checkpoint", "--env-id", "Acrobot-v1"): "--env-id is 'Acrobot-v1' but the checkpoint",
+    }
+    for (flag, *argv), message in refused.items():
+        code, lines = run_in_process(capsys, flag, checkpoint, *argv)
+        assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
+
+
+def test_resume_restores_weights_optimizer_and_schedule_exactly(in_tmp, capsys):
+    main_in_process(*TINY)
+    (checkpoint,) = in_tmp.glob("runs/*/ppo_cartpole.pt")
+    saved = in_tmp / "saved.pt"
+    shutil.copy(checkpoint, saved)
+
+    # A budget equal to the saved step: nothing is trained, and the final checkpoint (written to the
+    # run's own file) holds the state as restored.
+    main_in_process("--resume", saved, "--total-timesteps", "1024")
+    before = torch.load(saved, weights_only=True)
+    after = torch.load(checkpoint, weights_only=True)
+    assert after["global_step"] == before["global_step"] == 1024
+    assert after["iteration"] == before["iteration"] == 4  # the learning-rate schedule's position
+    assert after["model"].keys() == before["model"].keys()
+    for name, tensor in before["model"].items():
+        assert torch.equal(after["model"][name], tensor), name
+    assert after["optimizer"]["param_groups"] == before["optimizer"]["param_groups"]
+    for index, state in before["optimizer"]["state"].items():
+        for key, tensor in state.items():
+            assert torch.equal(after["optimizer"]["state"][index][key], tensor), (index, key)
+    assert len(after["optimizer"]["state"]) == len(before["optimizer"]["state"]) > 0
+
+    # And on to the end of a longer budget, at the step an uninterrupted run ends.
+    main_in_process("--resume", saved, "--total-timesteps", "2048")
+    state = torch.load(checkpoint, weights_only=True)
     assert state["global_step"] == 2048 and state["iteration"] == 8
-    sps_steps = resumed.steps("charts/SPS")
-    assert sps_steps == list(range(256, 2049, 256))  # 1..4 from the first run, 5..8 resumed
+    assert read_scalars(in_tmp / "runs")["charts/SPS"][-1][0] == 2048
 
 
-def test_ctrl_c_saves_a_checkpoint_that_resumes_to_the_full_budget(run_script):
-    budget = ("--total-timesteps", "16384", *SHAPE, "--checkpoint-freq", "1024", "--eval-episodes", "1")
+def test_log_interval_counts_environment_steps_and_torch_threads_are_set(in_tmp):
+    main_in_process(*TINY, "--no-save-model", "--log-interval", "512", "--torch-threads", "2")
+    scalars = read_scalars(in_tmp / "runs")
+    assert [step for step, _ in scalars["losses/policy_loss"]] == [512, 1024]
+    assert [step for step, _ in scalars["charts/SPS"]] == [256, 512, 768, 1024]
+    assert torch.get_num_threads() == 2
+
+
+def test_tiny_rollouts_with_more_minibatches_than_samples_train(in_tmp, capsys):
+    """Defect 5: one env, 4 steps, 4 minibatches of one; the autoreset steps leave one empty."""
+    main_in_process(
+        "--num-envs", "1", "--num-steps", "4", "--num-minibatches", "4", "--total-timesteps", "200",
+        "--eval-episodes", "1", "--no-save-model",
+    )  # fmt: skip
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("done: 200 steps")
+    assert not list(in_tmp.rglob("*_nan.pt"))
+
+
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_stop_signal_saves_a_checkpoint_that_resumes(run_script, signum, code):
+    """Ctrl-C, and SIGTERM as job schedulers, `timeout` and `docker stop` send it (defect 8)."""
+    budget = ("--total-timesteps", "400000", *SHAPE, "--checkpoint-freq", "1024", "--eval-episodes", "1")
 
     def first_checkpoint_written(workdir):
         return any(workdir.glob("runs/*/ppo_cartpole.pt"))
 
-    interrupted = run_script(SCRIPT, *budget, interrupt_when=first_checkpoint_written)
-    assert interrupted.returncode == 130, interrupted.describe()
+    interrupted = run_script(
+        SCRIPT, *budget, interrupt_when=first_checkpoint_written, interrupt_signals=(signum,)
+    )
+    assert interrupted.returncode == code, interrupted.describe()
     assert "interrupted at step" in interrupted.stderr and "Traceback" not in interrupted.stderr
-    (checkpoint,) = interrupted.checkpoints()
+    checkpoint = next(path for path in interrupted.checkpoints() if path.name == "ppo_cartpole.pt")
     step = torch.load(checkpoint, weights_only=True)["global_step"]
-    assert 0 < step < 16384, "the run finished before Ctrl-C: make the budget larger"
+    assert 0 < step < 400_000
+    # The periodic checkpoints are also kept, each named by its step.
+    kept = checkpoint.parent / "checkpoints" / "ppo_cartpole_000000001024.pt"
+    assert torch.load(kept, weights_only=True)["global_step"] == 1024
 
-    resumed = run_script(SCRIPT, *budget, "--resume", str(checkpoint))
+    resumed = run_script(SCRIPT, "--resume", checkpoint, "--total-timesteps", str(step + 512))
     assert resumed.returncode == 0, resumed.describe()
-    assert torch.load(checkpoint, weights_only=True)["global_step"] == 16384
+    assert torch.load(checkpoint, weights_only=True)["global_step"] == step + 512
 
 
-def test_track_writes_an_offline_wandb_run(run_script):
-    result = run_script(SCRIPT, *TINY, "--track", "--no-save-model")
-    assert result.returncode == 0, result.describe()
-    assert list((result.workdir / "wandb").glob("offline-run-*")), "no offline W&B run"
+def test_a_second_signal_aborts_at_once(run_script):
+    # Iterations of 16k steps: the second signal, 0.2 s after the first, arrives mid-iteration.
+    def run_started(workdir):
+        return any(workdir.glob("runs/*/events.out.tfevents.*"))
+
+    result = run_script(
+        SCRIPT, "--total-timesteps", "400000", "--num-envs", "4", "--num-steps", "4096",
+        interrupt_when=run_started, interrupt_signals=(signal.SIGINT, signal.SIGINT),
+    )  # fmt: skip
+    assert result.returncode not in (0, 130), result.describe()
+    assert "KeyboardInterrupt" in result.stderr and "interrupted at step" not in result.stderr
 
 
-def test_any_discrete_env_works_through_the_sync_vector_env(run_script):
-    result = run_script(SCRIPT, "--env-id", "Acrobot-v1", *TINY, "--no-save-model")
-    assert result.returncode == 0, result.describe()
-    assert result.values("eval/episodic_return")
+def test_any_discrete_env_works_through_the_sync_vector_env(in_tmp):
+    main_in_process("--env-id", "Acrobot-v1", *TINY, "--no-save-model")
+    assert len(read_scalars(in_tmp / "runs")["eval/episodic_return"]) == 2
 
 
-def test_non_finite_loss_stops_with_a_saved_state(run_script):
-    result = run_script(SCRIPT, *TINY, "--learning-rate", "1e30", "--no-anneal-lr", "--max-grad-norm", "1e30")
-    assert result.returncode == 1, result.describe()
-    assert "loss became non-finite at step" in result.stderr
-    assert result.checkpoints("*_nan.pt")
-
-
-def run_in_process(capsys, *argv: str) -> tuple[int, list[str]]:
-    """Parse `argv` with the script's real tyro parser and run main; return (exit code, stderr lines).
-
-    Bad input must be rejected before any heavy work, so these cases run in-process: the same
-    code path as the command line without paying an interpreter start per case.
-    """
-    with pytest.raises(SystemExit) as exit_info:
-        ppo_cartpole.main(tyro.cli(ppo_cartpole.Args, args=list(argv)))
-    return exit_info.value.code, capsys.readouterr().err.strip().splitlines()
+def test_non_finite_loss_stops_with_a_saved_state(in_tmp, capsys):
+    code, lines = run_in_process(
+        capsys, *TINY, "--learning-rate", "1e30", "--no-anneal-lr", "--max-grad-norm", "1e30"
+    )
+    assert code == 1 and "loss became non-finite at step" in lines[-1], lines
+    assert list(in_tmp.glob("runs/*/ppo_cartpole_nan.pt"))
 
 
 @pytest.mark.parametrize(
@@ -327,6 +447,8 @@ def run_in_process(capsys, *argv: str) -> tuple[int, list[str]]:
         (("--num-minibatches", "7"), "does not divide"),
         (("--total-timesteps", "0"), "must be positive"),
         (("--num-envs", "-1"), "must be positive"),
+        (("--torch-threads", "0"), "must be positive"),
+        (("--log-interval", "-1"), "must be >= 0"),
         (("--gamma", "1.5"), "[0, 1]"),
         (("--gae-lambda", "-0.1"), "[0, 1]"),
         (("--learning-rate", "0"), "must be positive"),
@@ -335,10 +457,11 @@ def run_in_process(capsys, *argv: str) -> tuple[int, list[str]]:
         (("--eval-checkpoint", "missing.pt"), "does not exist"),
     ],
 )
-def test_bad_input_exits_2_with_one_line(capsys, args, message):
+def test_bad_input_exits_2_with_one_line(in_tmp, capsys, args, message):
     code, lines = run_in_process(capsys, *args)
     assert code == 2
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
+    assert not (in_tmp / "runs").exists()
 
 
 def test_bad_input_through_the_real_command_line(run_script):
@@ -348,30 +471,34 @@ def test_bad_input_through_the_real_command_line(run_script):
 
 
 @pytest.mark.parametrize("flag", ["--resume", "--eval-checkpoint"])
-def test_bad_checkpoints_exit_2_with_one_line(capsys, tmp_path, flag):
+def test_bad_checkpoints_exit_2_with_one_line(in_tmp, capsys, flag):
     def saved(name, **overrides):
         state = {
-            "script": "ppo_cartpole", "env_id": "CartPole-v1", "run_name": "x", "args": {},
-            "model": ppo_cartpole.Agent(4, 2).state_dict(), **overrides,
+            "kind": "ppo-discrete-mlp/1", "env_id": "CartPole-v1", "run_name": "x",
+            "args": {"env_id": "CartPole-v1"}, "model": ppo_cartpole.Agent(4, 2).state_dict(), **overrides,
         }  # fmt: skip
-        torch.save(state, tmp_path / name)
+        torch.save({key: value for key, value in state.items() if value is not None}, in_tmp / name)
         return name
 
-    data = (tmp_path / saved("whole.pt")).read_bytes()
-    (tmp_path / "truncated.pt").write_bytes(data[: len(data) // 2])
-    (tmp_path / "text.pt").write_text("not a checkpoint")
-    torch.save([1, 2, 3], tmp_path / "list.pt")
+    data = (in_tmp / saved("whole.pt")).read_bytes()
+    (in_tmp / "truncated.pt").write_bytes(data[: len(data) // 2])
+    (in_tmp / "text.pt").write_text("not a checkpoint")
+    torch.save([1, 2, 3], in_tmp / "list.pt")
     cases = {
-        "truncated.pt": "not a readable checkpoint",
-        "text.pt": "not a readable checkpoint",
-        "list.pt": "not a checkpoint of this project",
-        saved("other.pt", script="dqn_flappy"): "saved by dqn_flappy.py",
-        saved("acrobot.pt", env_id="Acrobot-v1"): "pass --env-id Acrobot-v1",
+        ("truncated.pt",): "not a readable checkpoint",
+        ("text.pt",): "not a readable checkpoint",
+        ("list.pt",): "not a checkpoint of this project",
+        (saved("old.pt", kind=None, script="ppo_cartpole"),): "not a checkpoint of this project",
+        (saved("other.pt", kind="dqn/1"),): "holds a dqn/1 checkpoint; this script trains ppo-discrete-mlp/1",
+        (saved("acrobot.pt", args={"env_id": "Acrobot-v1"}), "--env-id", "CartPole-v1"): (
+            "--env-id is 'CartPole-v1' but the checkpoint was trained with 'Acrobot-v1'"
+        ),
     }
-    for name, message in cases.items():
-        code, lines = run_in_process(capsys, flag, str(tmp_path / name))
+    for (name, *argv), message in cases.items():
+        code, lines = run_in_process(capsys, flag, str(in_tmp / name), *argv)
         assert code == 2, name
         assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (name, lines)
+    assert not (in_tmp / "runs").exists()
 
 
 # --- learning --------------------------------------------------------------------------------
