@@ -3,19 +3,109 @@
 from __future__ import annotations
 
 import math
+import os
+import re
+import shutil
+import signal
 import sys
 
 import numpy as np
 import pytest
 import torch
-import tyro
-from conftest import ROOT
+from conftest import ROOT, read_wandb_runs, run_script_in
 
 sys.path.insert(0, str(ROOT))
 import actor_critic  # noqa: E402
 
 SCRIPT = "actor_critic.py"
-TINY = ("--total-timesteps", "512", "--eval-episodes", "2", "--checkpoint-freq", "0")
+TINY = ("--total-timesteps", "512", "--eval-episodes", "2", "--checkpoint-freq", "0", "--log-interval", "64")
+EVAL_SENTENCE = re.compile(r"eval return -?\d+\.\d\d ± \d+\.\d\d over \d+ episodes")
+
+
+# ---------------------------------------------------------------------------------------------
+# Fixtures: in-process runs, and a GPU's refusals without a GPU
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def in_tmp_path(tmp_path, monkeypatch):
+    """For tests that call the script in-process: run in `tmp_path`, so a regression cannot write
+    runs/ or videos/ into the checkout, and give back the SIGINT/SIGTERM handlers (and the SDL
+    hint) that the script's stop flag installs, so Ctrl-C still stops pytest afterwards."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SDL_NO_SIGNAL_HANDLERS", "1")
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    yield tmp_path
+    for signum, handler in handlers.items():
+        signal.signal(signum, handler)
+
+
+@pytest.fixture
+def tensors_as_if_on_a_gpu(monkeypatch):
+    """Make every torch tensor refuse NumPy conversion the way a CUDA tensor does, on a CPU.
+
+    On a GPU, `t.numpy()`, `np.asarray(t)` and `array[i] = t` raise TypeError ("can't convert
+    cuda:0 device type tensor to numpy") unless the tensor was first copied to host memory with
+    `.cpu()` or `.to("cpu")`. On the CPU all of them silently work, so a script that forgets the
+    copy passes every CPU test and crashes on its first rollout on a GPU machine. With this
+    fixture active, code running on the CPU gets the GPU's refusals:
+
+    - `Tensor.cpu()` and `Tensor.to(<the CPU>)` return a copy (as they do for a GPU tensor) and
+      record its memory as host memory;
+    - `Tensor.numpy()` and `Tensor.__array__` (which NumPy calls for `np.asarray(t)` and for
+      `array[i] = t`) raise TypeError for a tensor whose memory is not recorded. Views of a host
+      copy (indexing, reshape, detach) share its memory and convert.
+
+    Every other tensor counts as a device tensor, including one built on the CPU without a device
+    (`torch.from_numpy`) and a result computed from a host copy (convert at the end instead).
+    Calls from inside torch itself (`Module.to`, `Optimizer.load_state_dict`) record nothing, so
+    a model moved "to the device" stays a device tensor. Not caught, because a GPU allows them:
+    scalar reads (`.item()`, `float(t)`, `.tolist()`). Not caught either: an op that mixes a CPU
+    tensor with a device tensor (a RuntimeError on a GPU).
+
+    Use: request the fixture and run the script in-process (`main(parse_args([...]))`) with a
+    tiny budget; any conversion that would fail on a GPU raises TypeError.
+    """
+    host_copies: list[torch.Tensor] = []  # kept alive, so that their memory is not reused
+    host_memory: set[int] = set()
+    original_cpu, original_to = torch.Tensor.cpu, torch.Tensor.to
+    original_numpy, original_array = torch.Tensor.numpy, torch.Tensor.__array__
+
+    def copy_to_host(tensor: torch.Tensor) -> torch.Tensor:
+        copy = tensor.clone()
+        host_copies.append(copy)
+        host_memory.add(copy.untyped_storage().data_ptr())
+        return copy
+
+    def called_from_torch() -> bool:
+        # Frame 0: this function; 1: the patched method; 2: its caller.
+        return sys._getframe(2).f_globals.get("__name__", "").split(".")[0] == "torch"
+
+    def cpu(self, *args, **kwargs):
+        result = original_cpu(self, *args, **kwargs)
+        return result if called_from_torch() else copy_to_host(result)
+
+    def to(self, *args, **kwargs):
+        result = original_to(self, *args, **kwargs)
+        target = kwargs.get("device", args[0] if args else None)
+        to_cpu = isinstance(target, str | torch.device) and torch.device(target).type == "cpu"
+        return copy_to_host(result) if to_cpu and not called_from_torch() else result
+
+    def refused_off_the_host(original):
+        def guarded(self, *args, **kwargs):
+            if self.untyped_storage().data_ptr() not in host_memory and not kwargs.get("force"):
+                raise TypeError(
+                    "can't convert a device tensor to numpy (tensors_as_if_on_a_gpu): "
+                    "use Tensor.cpu() to copy the tensor to host memory first."
+                )
+            return original(self, *args, **kwargs)
+
+        return guarded
+
+    monkeypatch.setattr(torch.Tensor, "cpu", cpu)
+    monkeypatch.setattr(torch.Tensor, "to", to)
+    monkeypatch.setattr(torch.Tensor, "numpy", refused_off_the_host(original_numpy))
+    monkeypatch.setattr(torch.Tensor, "__array__", refused_off_the_host(original_array))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -200,6 +290,76 @@ def test_linear_schedule():
     assert actor_critic.linear_schedule(1e-3, 10, 10) == pytest.approx(1e-4)
 
 
+def test_policy_samples_follow_the_softmax_of_the_logits():
+    agent = actor_critic.Agent(4, 3, 8)
+    with torch.no_grad():
+        agent.actor.weight.zero_()
+        agent.actor.bias.copy_(torch.tensor([0.0, 1.0, 2.0]))
+    torch.manual_seed(0)
+    actions, values = agent.get_action_and_value(torch.zeros(20_000, 4))
+    assert actions.shape == values.shape == (20_000,)
+    frequencies = torch.bincount(actions, minlength=3).float() / 20_000
+    torch.testing.assert_close(
+        frequencies, torch.softmax(torch.tensor([0.0, 1.0, 2.0]), 0), atol=0.015, rtol=0
+    )
+
+
+def test_update_takes_one_clipped_step_and_refuses_a_non_finite_loss():
+    torch.manual_seed(0)
+    agent = actor_critic.Agent(4, 2, 16)
+    optimizer = torch.optim.SGD(agent.parameters(), lr=1.0)
+    args = actor_critic.Args(max_grad_norm=0.1, norm_adv=True)
+    obs, actions = torch.randn(6, 4), torch.tensor([0, 1, 1, 0, 1, 0])
+    advantages, returns = torch.randn(6), torch.randn(6) * 10
+    before = [p.detach().clone() for p in agent.parameters()]
+    stats = actor_critic.update(agent, optimizer, args, obs, actions, advantages, returns)
+    assert stats["finite"] and all(
+        math.isfinite(stats[key]) for key in ("policy_loss", "value_loss", "entropy")
+    )
+    # One SGD step of lr 1 moves the weights by the clipped gradient: global norm max_grad_norm.
+    step = torch.cat([(p.detach() - b).flatten() for p, b in zip(agent.parameters(), before, strict=True)])
+    assert step.norm().item() == pytest.approx(0.1, rel=1e-4)
+
+    after = [p.detach().clone() for p in agent.parameters()]
+    advantages[0] = float("nan")
+    assert actor_critic.update(agent, optimizer, args, obs, actions, advantages, returns) == {"finite": False}
+    assert all(torch.equal(p, a) for p, a in zip(agent.parameters(), after, strict=True))
+
+
+# ---------------------------------------------------------------------------------------------
+# Device mix-ups, without a GPU (defect 1 of issue 11)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_the_device_guard_refuses_what_a_gpu_refuses(tensors_as_if_on_a_gpu):
+    tensor, array = torch.arange(3.0), np.zeros((2, 3), dtype=np.float32)
+    with pytest.raises(TypeError, match="Tensor.cpu"):
+        tensor.numpy()
+    with pytest.raises(TypeError, match="Tensor.cpu"):
+        np.asarray(tensor)
+    with pytest.raises(TypeError, match="Tensor.cpu"):
+        array[0] = tensor
+    with pytest.raises(TypeError, match="Tensor.cpu"):
+        torch.nn.Linear(2, 2).to("cpu").weight.detach().numpy()  # Module.to moves to "the device"
+    np.testing.assert_array_equal(tensor.cpu().numpy(), [0, 1, 2])
+    np.testing.assert_array_equal(np.asarray(tensor.to("cpu")[1:]), [1, 2])
+    array[1] = tensor.to(device=torch.device("cpu"))
+    np.testing.assert_array_equal(array, [[0, 0, 0], [0, 1, 2]])
+    assert tensor.sum().item() == 3.0  # scalar reads work on a GPU too
+    with pytest.raises(TypeError, match="Tensor.cpu"):
+        tensor.numpy()  # the copy is on the host, not the original
+
+
+def test_training_and_evaluation_copy_device_tensors_to_the_host(tensors_as_if_on_a_gpu, in_tmp_path):
+    """With --cuda on a GPU machine the bootstrap value, a device tensor, was written into the
+    NumPy rollout storage without .cpu(): TypeError in the first rollout."""
+    actor_critic.main(actor_critic.parse_args([*TINY, "--num-envs", "2", "--num-steps", "4"]))
+    (checkpoint,) = in_tmp_path.glob("runs/*/actor_critic.pt")
+    actor_critic.main(actor_critic.parse_args(["--eval-checkpoint", str(checkpoint)]))
+    actor_critic.main(actor_critic.parse_args(["--resume", str(checkpoint), "--total-timesteps", "1024"]))
+    assert torch.load(checkpoint, weights_only=True)["global_step"] == 1024
+
+
 # ---------------------------------------------------------------------------------------------
 # The real command line
 # ---------------------------------------------------------------------------------------------
@@ -217,27 +377,75 @@ SCALAR_KEYS = (
 )
 
 
-def test_smoke_run_tracks_records_video_and_evaluates_its_checkpoint(run_script):
+def test_smoke_run_tracks_records_video_and_its_checkpoint_reproduces_the_evaluation(run_script):
     result = run_script(SCRIPT, *TINY, "--track", "--capture-video", "--seed", "3")
     assert result.returncode == 0, result.describe()
     for key in SCALAR_KEYS:
         assert result.values(key), f"{key} not logged\n{result.describe()}"
     assert all(math.isfinite(v) for v in result.values("losses/value_loss"))
+    assert result.steps("losses/value_loss") == list(range(64, 513, 64))  # --log-interval in env steps
     assert "done: 512 steps in" in result.stdout, result.describe()
     assert "over 2 episodes; checkpoint" in result.stdout
-    (checkpoint,) = result.checkpoints()
-    assert checkpoint.name == "actor_critic.pt"
-    assert list((result.workdir / "videos").rglob("*.mp4")), "no evaluation video recorded"
-    assert list((result.workdir / "wandb").glob("offline-run-*")), "no offline W&B run"
-
+    (run_dir,) = result.run_dirs
+    checkpoint = run_dir / "actor_critic.pt"
     state = torch.load(checkpoint, weights_only=True)
-    assert state["script"] == "actor_critic" and state["env_id"] == "CartPole-v1"
+    assert state["kind"] == "a2c-discrete-mlp/1" and state["env_id"] == "CartPole-v1"
     assert state["global_step"] == 512 and state["args"]["seed"] == 3
+    # Exactly one video per evaluation episode (no trailing one-frame video from an extra reset).
+    assert len(list((result.workdir / "videos" / run_dir.name / "eval").glob("*.mp4"))) == 2
+    (wandb_run,) = read_wandb_runs(result.workdir)
+    assert wandb_run.group == "actor_critic" and wandb_run.name == run_dir.name
+    assert wandb_run.config["seed"] == 3 and wandb_run.config["env_id"] == "CartPole-v1"
+    assert wandb_run.config["total_timesteps"] == 512
 
-    evaluation = run_script(SCRIPT, "--eval-checkpoint", str(checkpoint), "--eval-episodes", "3")
+    # --eval-checkpoint alone takes the run's settings (seed 3, 2 episodes, video) and evaluates
+    # with the seed of the end-of-training evaluation: the same figures.
+    evaluation = run_script(SCRIPT, "--eval-checkpoint", str(checkpoint))
     assert evaluation.returncode == 0, evaluation.describe()
-    assert evaluation.stdout.startswith("eval: return "), evaluation.describe()
-    assert f"over 3 episodes ({checkpoint})" in evaluation.stdout
+    assert evaluation.stdout.startswith("eval return "), evaluation.describe()
+    assert f"over 2 episodes ({checkpoint})" in evaluation.stdout
+    assert EVAL_SENTENCE.findall(evaluation.stdout) == EVAL_SENTENCE.findall(result.stdout)
+    assert len(list((result.workdir / "videos" / run_dir.name / "eval-checkpoint").glob("*.mp4"))) == 2
+
+
+def leaning_policy() -> dict:
+    """Weights whose greedy policy pushes the cart towards the pole's lean: episodes of tens of
+    steps whose lengths depend on the initial state, so evaluation figures depend on the seed."""
+    agent = actor_critic.Agent(4, 2)
+    with torch.no_grad():
+        for layer in (agent.trunk[0], agent.trunk[2], agent.actor):
+            layer.weight.zero_()
+            layer.bias.zero_()
+        agent.trunk[0].weight[0, 2] = 10.0  # the pole angle
+        agent.trunk[2].weight[0, 0] = 3.0
+        agent.actor.weight[:, 0] = torch.tensor([-1.0, 1.0])
+    return agent.state_dict()
+
+
+def test_eval_checkpoint_prints_the_figures_of_the_final_evaluation(in_tmp_path, capsys):
+    args = {**actor_critic.asdict(actor_critic.Args()), "seed": 3, "eval_episodes": 3, "total_timesteps": 512}
+    checkpoint = write_checkpoint(
+        in_tmp_path / "c.pt", model=leaning_policy(), args=args, global_step=512, iteration=8
+    )
+    # Resuming at the checkpoint's own budget trains nothing: the final evaluation of these weights.
+    actor_critic.main(actor_critic.parse_args(["--resume", checkpoint, "--no-save-model"]))
+    final = EVAL_SENTENCE.findall(capsys.readouterr().out)
+    actor_critic.main(actor_critic.parse_args(["--eval-checkpoint", checkpoint]))
+    assert (
+        EVAL_SENTENCE.findall(capsys.readouterr().out)
+        == final
+        == ["eval return 51.33 ± 8.73 over 3 episodes"]
+    )
+    # The test can tell: with the training seed itself the figures differ.
+    agent = actor_critic.build_agent("CartPole-v1", 64, torch.device("cpu"))
+    agent.load_state_dict(leaning_policy())
+    returns = actor_critic.evaluate(agent, "CartPole-v1", 3, 3, torch.device("cpu"))
+    assert actor_critic.describe_eval(returns) != final[0]
+
+
+def test_the_docstring_promises_what_the_defaults_do():
+    (episodes,) = re.findall(r"over (\d+) episodes", actor_critic.__doc__)
+    assert int(episodes) == actor_critic.Args().eval_episodes
 
 
 def test_rmsprop_nstep_returns_and_any_discrete_env_through_the_sync_vector_env(run_script):
@@ -246,14 +454,13 @@ def test_rmsprop_nstep_returns_and_any_discrete_env_through_the_sync_vector_env(
     )
     assert result.returncode == 0, result.describe()
     assert len(result.values("eval/episodic_return")) == 2
-    state = torch.load(result.checkpoints()[0], weights_only=True)
+    (checkpoint,) = result.checkpoints()
+    state = torch.load(checkpoint, weights_only=True)
     assert state["env_id"] == "Acrobot-v1"
     assert "square_avg" in next(iter(state["optimizer"]["state"].values()))  # RMSprop's state
 
 
-def test_same_seed_gives_identical_logged_numbers(run_script, tmp_path):
-    from conftest import run_script_in
-
+def test_same_seed_gives_identical_logged_numbers(tmp_path):
     args = (*TINY, "--seed", "7", "--no-save-model")
     first = run_script_in(tmp_path / "a", SCRIPT, *args)
     second = run_script_in(tmp_path / "b", SCRIPT, *args)
@@ -269,35 +476,99 @@ def test_same_seed_gives_identical_logged_numbers(run_script, tmp_path):
     assert other.scalars["losses/value_loss"] != first.scalars["losses/value_loss"]
 
 
-def test_interrupt_saves_and_resume_reaches_the_same_final_step(run_script):
-    total = "20480"  # 320 iterations of 8 envs x 8 steps
+def test_sigterm_saves_and_resume_alone_continues_the_run_exactly(run_script, tmp_path, monkeypatch, capsys):
+    total = 20480  # 640 iterations of 4 envs x 8 steps; the stop comes after the first 640
     interrupted = run_script(
         SCRIPT,
-        "--total-timesteps", total, "--checkpoint-freq", "1000", "--eval-episodes", "1",
+        "--seed", "9", "--num-envs", "4", "--total-timesteps", str(total), "--checkpoint-freq", "640",
+        "--eval-episodes", "1", "--track", "--wandb-group", "g",
         interrupt_when=lambda workdir: any(workdir.glob("runs/*/actor_critic.pt")),
+        interrupt_signals=(signal.SIGTERM,),
     )  # fmt: skip
-    assert interrupted.returncode == 130, interrupted.describe()
-    (checkpoint,) = interrupted.checkpoints()
+    assert interrupted.returncode == 143, interrupted.describe()
+    assert "SIGTERM: stopping after this iteration" in interrupted.stderr
+    (run_dir,) = interrupted.run_dirs
+    checkpoint = run_dir / "actor_critic.pt"
     assert f"checkpoint saved to {checkpoint.relative_to(interrupted.workdir)}" in interrupted.stderr
     assert "--resume" in interrupted.stderr
-    saved_step = torch.load(checkpoint, weights_only=True)["global_step"]
-    assert 0 < saved_step < int(total)
+    saved = torch.load(checkpoint, weights_only=True)
+    saved_step = saved["global_step"]
+    assert 0 < saved_step < total
+    # Every periodic checkpoint is kept, named by its step.
+    kept = sorted(run_dir.glob("checkpoints/actor_critic_*.pt"))
+    assert [path.name for path in kept] == [
+        f"actor_critic_{step:012d}.pt" for step in range(640, saved_step + 1, 640)
+    ]
+    assert torch.load(kept[0], weights_only=True)["global_step"] == 640
 
-    changed = run_script(SCRIPT, "--total-timesteps", total, "--num-steps", "3", "--resume", str(checkpoint))
-    assert changed.returncode == 2, changed.describe()
-    assert "--num-steps is 3 but the checkpoint was trained with" in changed.stderr
+    # In-process, elsewhere: an explicit conflicting flag is refused; an explicit safe one is
+    # accepted, and resuming to the saved step itself (no training) saves the restored state.
+    exact = tmp_path / "exact"
+    exact.mkdir()
+    shutil.copy(checkpoint, exact / "saved.pt")
+    monkeypatch.chdir(exact)
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        code, lines = run_in_process(capsys, "--resume", "saved.pt", "--num-envs", "2")
+        assert code == 2 and lines == [
+            "error: --num-envs is 2 but the checkpoint was trained with 4; "
+            "leave the flag out to keep the checkpoint's setting"
+        ]
+        actor_critic.main(
+            actor_critic.parse_args(
+                ["--resume", "saved.pt", "--total-timesteps", str(saved_step), "--no-track"]
+            )
+        )
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+    assert f"done: {saved_step} steps" in capsys.readouterr().out
+    restored = torch.load(exact / "runs" / run_dir.name / "actor_critic.pt", weights_only=True)
+    assert restored["global_step"] == saved_step and restored["iteration"] == saved["iteration"]
+    assert restored["model"].keys() == saved["model"].keys()
+    for name, tensor in saved["model"].items():
+        assert torch.equal(restored["model"][name], tensor), name
+    assert restored["optimizer"]["param_groups"] == saved["optimizer"]["param_groups"]  # incl. lr
+    for index, state in saved["optimizer"]["state"].items():
+        for key, value in state.items():
+            assert torch.equal(restored["optimizer"]["state"][index][key], value), (index, key)
 
-    resumed = run_script(
-        SCRIPT, "--total-timesteps", total, "--eval-episodes", "1", "--resume", str(checkpoint)
-    )
+    # `--resume PATH` alone continues with the checkpoint's settings (seed 9, 4 envs, W&B group).
+    resumed = run_script(SCRIPT, "--resume", str(checkpoint))
     assert resumed.returncode == 0, resumed.describe()
     assert f"done: {total} steps" in resumed.stdout, resumed.describe()
     assert len(resumed.run_dirs) == 1, "a resumed run must continue in the same run folder"
-    state = torch.load(checkpoint, weights_only=True)
-    assert state["global_step"] == int(total)
+    final = torch.load(checkpoint, weights_only=True)
+    assert final["global_step"] == total and final["args"]["seed"] == 9 and final["args"]["num_envs"] == 4
     # Both processes wrote to the same TensorBoard run, the second up to the full budget.
-    assert len(list(resumed.run_dirs[0].glob("events.out.tfevents.*"))) == 2
-    assert resumed.steps("losses/value_loss")[-1] == int(total)
+    assert len(list(run_dir.glob("events.out.tfevents.*"))) == 2
+    assert resumed.steps("losses/value_loss")[-1] == total
+    first, second = read_wandb_runs(resumed.workdir)
+    assert first.run_id == second.run_id, "a resumed run continues the same W&B run"
+    assert first.group == second.group == "g"
+    assert second.config["seed"] == 9 and second.config["num_envs"] == 4
+
+
+def test_a_second_signal_aborts_without_saving(run_script):
+    # One long rollout (one env, 20k steps): both signals arrive before it ends.
+    result = run_script(
+        SCRIPT, "--num-envs", "1", "--num-steps", "20000", "--total-timesteps", "20000", "--checkpoint-freq", "0",
+        interrupt_when=lambda workdir: any(workdir.glob("runs/*/events.out.tfevents.*")),
+        interrupt_signals=(signal.SIGINT, signal.SIGINT),
+    )  # fmt: skip
+    assert result.returncode not in (0, 130), result.describe()
+    assert "KeyboardInterrupt" in result.stderr, result.describe()
+    assert not result.checkpoints(), "an aborted run saves nothing"
+
+
+def test_stop_flag_maps_signals_to_exit_codes_and_a_second_one_aborts(in_tmp_path):
+    for signum, code in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
+        flag = actor_critic.StopFlag()
+        assert not flag.requested
+        os.kill(os.getpid(), signum)
+        assert flag.requested and flag.exit_code == code
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
 
 
 def test_non_finite_loss_stops_with_the_state_saved(run_script):
@@ -308,14 +579,28 @@ def test_non_finite_loss_stops_with_the_state_saved(run_script):
 
 
 def run_in_process(capsys, *argv: str) -> tuple[int, list[str]]:
-    """Parse `argv` with the script's real tyro parser and run main; return (exit code, stderr lines).
+    """Parse `argv` with the script's real parser and run main; return (exit code, stderr lines).
 
     Bad input must be rejected before any heavy work, so these cases run in-process: the same
     code path as the command line without paying an interpreter start per case.
     """
+    capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
-        actor_critic.main(tyro.cli(actor_critic.Args, args=list(argv)))
+        actor_critic.main(actor_critic.parse_args(list(argv)))
     return exit_info.value.code, capsys.readouterr().err.strip().splitlines()
+
+
+def write_checkpoint(path, **overrides) -> str:
+    """A minimal checkpoint of this script (for the bad-input cases)."""
+    agent = actor_critic.Agent(4, 2)
+    state = {
+        "kind": "a2c-discrete-mlp/1", "env_id": "CartPole-v1", "run_name": "x",
+        "args": actor_critic.asdict(actor_critic.Args()), "global_step": 0, "iteration": 0,
+        "model": agent.state_dict(), "optimizer": actor_critic.build_optimizer(agent, "adam", 1e-3).state_dict(),
+        **overrides,
+    }  # fmt: skip
+    torch.save(state, path)
+    return str(path)
 
 
 @pytest.mark.parametrize(
@@ -328,6 +613,7 @@ def run_in_process(capsys, *argv: str) -> tuple[int, list[str]]:
         (("--num-envs", "-2"), "--num-envs must be positive, got -2"),
         (("--num-steps", "0"), "--num-steps must be positive, got 0"),
         (("--eval-episodes", "0"), "--eval-episodes must be positive, got 0"),
+        (("--torch-threads", "0"), "--torch-threads must be positive, got 0"),
         (("--gamma", "1.5"), "--gamma must be in [0, 1], got 1.5"),
         (("--gae-lambda", "-0.1"), "--gae-lambda must be in [0, 1], got -0.1"),
         (("--learning-rate", "0"), "--learning-rate must be positive, got 0.0"),
@@ -341,10 +627,12 @@ def run_in_process(capsys, *argv: str) -> tuple[int, list[str]]:
         (("--resume", "a.pt", "--eval-checkpoint", "a.pt"), "give either --resume or --eval-checkpoint"),
     ],
 )
-def test_bad_input_exits_2_with_one_line(capsys, args, message):
+def test_bad_input_exits_2_with_one_line(capsys, in_tmp_path, args, message):
+    write_checkpoint(in_tmp_path / "a.pt")
     code, lines = run_in_process(capsys, *args)
     assert code == 2
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
+    assert not (in_tmp_path / "runs").exists()
 
 
 def test_bad_input_through_the_real_command_line(run_script):
@@ -358,28 +646,30 @@ def test_bad_input_through_the_real_command_line(run_script):
 
 
 @pytest.mark.parametrize("flag", ["--resume", "--eval-checkpoint"])
-def test_bad_checkpoints_exit_2_with_one_line(capsys, tmp_path, flag):
-    def saved(name, **overrides):
-        state = {
-            "script": "actor_critic", "env_id": "CartPole-v1", "run_name": "x", "args": {},
-            "model": actor_critic.Agent(4, 2).state_dict(), **overrides,
-        }  # fmt: skip
-        torch.save(state, tmp_path / name)
-        return name
-
-    data = (tmp_path / saved("whole.pt")).read_bytes()
-    (tmp_path / "truncated.pt").write_bytes(data[: len(data) // 2])
-    (tmp_path / "text.pt").write_text("not a checkpoint")
-    torch.save(torch.zeros(3), tmp_path / "tensor.pt")
+def test_bad_checkpoints_exit_2_with_one_line(capsys, in_tmp_path, flag):
+    whole = write_checkpoint(in_tmp_path / "whole.pt")
+    data = (in_tmp_path / "whole.pt").read_bytes()
+    (in_tmp_path / "truncated.pt").write_bytes(data[: len(data) // 2])
+    (in_tmp_path / "text.pt").write_text("not a checkpoint")
+    torch.save(torch.zeros(3), in_tmp_path / "tensor.pt")
+    old_format = {"script": "actor_critic", "env_id": "CartPole-v1", "args": {}}
+    torch.save(old_format, in_tmp_path / "old.pt")
+    acrobot_args = {**actor_critic.asdict(actor_critic.Args()), "env_id": "Acrobot-v1"}
     cases = {
-        "truncated.pt": "it may be truncated",
-        "text.pt": "not a readable checkpoint",
-        "tensor.pt": "not a checkpoint of this project",
-        saved("other.pt", script="ppo_cartpole"): "saved by ppo_cartpole.py, not actor_critic.py",
-        saved("acrobot.pt", env_id="Acrobot-v1"): "pass --env-id Acrobot-v1",
+        ("truncated.pt",): "it may be truncated",
+        ("text.pt",): "not a readable checkpoint",
+        ("tensor.pt",): "not a checkpoint of this project",
+        ("old.pt",): "not a checkpoint of this project",
+        (write_checkpoint(in_tmp_path / "other.pt", kind="ppo-discrete-mlp/1"),): (
+            "holds a ppo-discrete-mlp/1 checkpoint; this script trains a2c-discrete-mlp/1"
+        ),
+        (write_checkpoint(in_tmp_path / "acrobot.pt", args=acrobot_args), "--env-id", "CartPole-v1"): (
+            "--env-id is 'CartPole-v1' but the checkpoint was trained with 'Acrobot-v1'"
+        ),
+        (whole, "--hidden-size", "32"): "--hidden-size is 32 but the checkpoint was trained with 64",
     }
-    for name, message in cases.items():
-        code, lines = run_in_process(capsys, flag, str(tmp_path / name))
+    for (name, *extra), message in cases.items():
+        code, lines = run_in_process(capsys, flag, str(in_tmp_path / name), *extra)
         assert code == 2, name
         assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (name, lines)
 
