@@ -4,26 +4,47 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-import tyro
-from conftest import HEADLESS_ENV, ROOT
+from conftest import HEADLESS_ENV, ROOT, read_scalars, read_wandb_runs
 
 sys.path.insert(0, str(ROOT))
 import qlearning_cartpole  # noqa: E402
 
 SCRIPT = "qlearning_cartpole.py"
 SHAPE = ("--num-envs", "8")
-TINY = ("--total-timesteps", "4096", *SHAPE, "--log-freq", "1024", "--eval-episodes", "2")
+TINY = ("--total-timesteps", "4096", *SHAPE, "--log-interval", "1024", "--eval-episodes", "2")
+EVAL = re.compile(r"eval return (\S+) ± (\S+) over (\d+) episodes")
 
 
 def load_npz(path) -> dict:
     with np.load(path, allow_pickle=False) as archive:
         return {key: archive[key] for key in archive.files}
+
+
+def eval_figures(output: str) -> tuple[str, str, str]:
+    """(mean, std, episodes) of the one `eval return X ± Y over N episodes` sentence in `output`."""
+    (figures,) = EVAL.findall(output)
+    return figures
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    """For tests that call main in-process: the cwd is tmp_path, so a regression cannot write runs/
+    into the checkout, and the signal handlers main installs are put back afterwards."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SDL_NO_SIGNAL_HANDLERS", "1")  # StopFlag sets it; undone after the test
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    yield tmp_path
+    for signum, handler in handlers.items():
+        signal.signal(signum, handler)
 
 
 # --- discretisation --------------------------------------------------------------------------
@@ -175,6 +196,59 @@ def test_epsilon_greedy_is_greedy_at_zero_and_uniform_at_one():
     assert (mixed != 1).mean() == pytest.approx(0.3 * 2 / 3, abs=0.02)
 
 
+def test_logged_q_values_and_td_loss_match_a_slow_reference_with_replay(workdir, monkeypatch):
+    """losses/q_values is the mean of Q(s, a) over the new transitions right after their update;
+    losses/td_loss the mean squared TD error over every transition updated, replayed ones included.
+    Both are recomputed here, one value at a time, from a record of every call of the Q update.
+    (The replay once made q_values divide the new transitions' sum by the replayed count too.)"""
+    calls = []
+    real_update = qlearning_cartpole.q_learning_update
+
+    def recording_update(q_table, states, actions, *rest):
+        td_errors = real_update(q_table, states, actions, *rest)
+        calls.append((td_errors.tolist(), q_table[states, actions].tolist()))
+        return td_errors
+
+    monkeypatch.setattr(qlearning_cartpole, "q_learning_update", recording_update)
+    replay = ("--replay-size", "64", "--replay-batch-size", "24", "--eval-episodes", "1", "--no-save-model")
+    argv = ["--total-timesteps", "512", *SHAPE, "--log-interval", "16", *replay]
+    qlearning_cartpole.main(qlearning_cartpole.parse_args(argv))
+
+    assert len(calls) == 2 * 64  # per vector step: the new transitions, then a replayed sample
+    expected_q, expected_td = [], []
+    for first in range(0, 64, 2):  # a log every 16 env steps: every 2 vector steps of 8 envs
+        window = calls[2 * first : 2 * first + 4]
+        q_values = [value for _, q_after in window[0::2] for value in q_after]
+        td_errors = [error for errors, _ in window for error in errors]
+        expected_q.append(sum(q_values) / len(q_values))
+        expected_td.append(sum(error * error for error in td_errors) / len(td_errors))
+    scalars = read_scalars(workdir / "runs")
+    assert [step for step, _ in scalars["losses/q_values"]] == list(range(16, 513, 16))
+    np.testing.assert_allclose([value for _, value in scalars["losses/q_values"]], expected_q, rtol=1e-6)
+    np.testing.assert_allclose([value for _, value in scalars["losses/td_loss"]], expected_td, rtol=1e-6)
+
+
+def test_a_second_signal_aborts_without_saving(workdir, monkeypatch):
+    """The first signal asks for a stop at the end of the iteration; a second one, of either kind,
+    aborts at once (KeyboardInterrupt), without a checkpoint."""
+    calls = 0
+    real_epsilon_greedy = qlearning_cartpole.epsilon_greedy
+
+    def signalled_twice_at_the_third_step(*args):
+        nonlocal calls
+        calls += 1
+        if calls == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_epsilon_greedy(*args)
+
+    monkeypatch.setattr(qlearning_cartpole, "epsilon_greedy", signalled_twice_at_the_third_step)
+    with pytest.raises(KeyboardInterrupt):
+        qlearning_cartpole.main(qlearning_cartpole.parse_args([*TINY]))
+    assert calls == 3
+    assert not list(workdir.rglob("*.npz"))
+
+
 # --- the CLI ---------------------------------------------------------------------------------
 
 
@@ -192,14 +266,15 @@ def test_smoke_run_logs_every_key_and_saves_a_checkpoint(run_script):
     epsilons = result.values("charts/epsilon")
     assert epsilons == sorted(epsilons, reverse=True) and epsilons[0] < 1.0
     assert len(result.values("eval/episodic_return")) == 2
-    (checkpoint,) = result.checkpoints("*.npz")
+    (checkpoint,) = result.checkpoints("*.npz")  # the default --checkpoint-freq keeps no copies
     state = load_npz(checkpoint)  # no pickle needed
-    assert str(state["script"]) == "qlearning_cartpole" and str(state["env_id"]) == "CartPole-v1"
-    assert int(state["global_step"]) == 4096 and int(state["iteration"]) == 512
+    assert str(state["kind"]) == "q-table/1" and str(state["env_id"]) == "CartPole-v1"
+    assert int(state["global_step"]) == 4096
     assert state["q_table"].shape == (3 * 3 * 8 * 10, 2) and np.abs(state["q_table"]).sum() > 0
     assert json.loads(str(state["args"]))["bins"] == [3, 3, 8, 10]
     last = result.stdout.strip().splitlines()[-1]
     assert last.startswith("done: 4096 steps") and "episodes/s" in last, last
+    assert eval_figures(last)[2] == "2"
 
 
 def test_same_seed_gives_identical_logged_numbers(tmp_path):
@@ -214,102 +289,157 @@ def test_same_seed_gives_identical_logged_numbers(tmp_path):
     assert third.scalars["losses/td_loss"] != first.scalars["losses/td_loss"]
 
 
-def test_eval_checkpoint_evaluates_the_saved_table_and_records_video(run_script):
-    trained = run_script(SCRIPT, *TINY)
+def test_eval_checkpoint_repeats_the_final_evaluation_and_periodic_checkpoints_resume(tmp_path):
+    """--eval-checkpoint PATH alone takes the run's settings (seed 9 here) and evaluates on the same
+    episodes as the end of training: the same figures. Every --checkpoint-freq steps a copy is
+    kept; resuming one continues with the schedules of the uninterrupted run, step for step."""
+    from conftest import run_script_in
+
+    trained = run_script_in(
+        tmp_path / "train", SCRIPT, *TINY, "--seed", "9", "--eval-episodes", "3", "--checkpoint-freq", "2048"
+    )
     assert trained.returncode == 0, trained.describe()
-    (checkpoint,) = trained.checkpoints("*.npz")
-    # The discretisation comes from the checkpoint: other --bins on the command line are ignored.
-    evaluated = run_script(
-        SCRIPT, "--eval-checkpoint", str(checkpoint), "--eval-episodes", "3", "--capture-video", "--bins", "2"
+    (run_dir,) = trained.run_dirs
+    checkpoint = run_dir / "qlearning_cartpole.npz"
+    kept = sorted(path.name for path in (run_dir / "checkpoints").iterdir())
+    assert kept == ["qlearning_cartpole_000000002048.npz", "qlearning_cartpole_000000004096.npz"]
+
+    evaluated = run_script_in(
+        tmp_path / "train", SCRIPT, "--eval-checkpoint", str(checkpoint), "--capture-video"
     )
     assert evaluated.returncode == 0, evaluated.describe()
-    line = evaluated.stdout.strip().splitlines()[-1]
-    assert line.startswith("eval: return ") and "over 3 episodes" in line
+    assert eval_figures(evaluated.stdout) == eval_figures(trained.stdout)
+    assert eval_figures(evaluated.stdout)[2] == "3"
     assert len(list((evaluated.workdir / "videos").rglob("*.mp4"))) == 3
 
-
-def test_resume_continues_to_the_same_final_step(run_script):
-    first = run_script(SCRIPT, *TINY)
-    assert first.returncode == 0, first.describe()
-    (checkpoint,) = first.checkpoints("*.npz")
-    table = load_npz(checkpoint)["q_table"]
-    changed = run_script(SCRIPT, *TINY, "--bins", "3", "3", "8", "12", "--resume", str(checkpoint))
-    assert (
-        changed.returncode == 2
-        and "--bins is [3, 3, 8, 12] but the checkpoint was trained with [3, 3, 8, 10]" in changed.stderr
-    ), changed.describe()
-
-    resumed = run_script(SCRIPT, *TINY, "--total-timesteps", "8192", "--resume", str(checkpoint))
+    halfway = tmp_path / "halfway.npz"
+    shutil.copy(run_dir / "checkpoints" / kept[0], halfway)
+    assert int(load_npz(halfway)["global_step"]) == 2048
+    resumed = run_script_in(tmp_path / "resume", SCRIPT, "--resume", str(halfway))
     assert resumed.returncode == 0, resumed.describe()
-    assert resumed.checkpoints("*.npz") == [checkpoint]  # same run folder, same file
-    state = load_npz(checkpoint)
-    assert int(state["global_step"]) == 8192 and int(state["iteration"]) == 1024
-    assert not np.array_equal(state["q_table"], table)  # it went on learning from the saved table
-    assert resumed.steps("charts/SPS") == list(range(1024, 8193, 1024))  # 1..4 then 5..8 resumed
+    for key in ("charts/epsilon", "charts/learning_rate"):
+        assert resumed.scalars[key] == trained.scalars[key][2:], key  # the logs at 3072 and 4096
+    assert int(load_npz(resumed.checkpoints("qlearning_cartpole.npz")[0])["global_step"]) == 4096
 
 
-def test_replay_runs_and_is_saved_and_resumed(run_script):
-    replay = ("--replay-size", "512", "--replay-batch-size", "32")
-    first = run_script(SCRIPT, *TINY, *replay)
-    assert first.returncode == 0, first.describe()
-    (checkpoint,) = first.checkpoints("*.npz")
-    state = load_npz(checkpoint)
-    assert state["replay_states"].shape == (512,) and int(state["replay_count"]) == 512
-    resumed = run_script(SCRIPT, *TINY, *replay, "--total-timesteps", "8192", "--resume", str(checkpoint))
-    assert resumed.returncode == 0, resumed.describe()
-    assert int(load_npz(checkpoint)["global_step"]) == 8192
+def test_resume_alone_restores_the_table_and_replay_exactly(run_script, tmp_path):
+    """Trained with settings other than the defaults, `--resume PATH` alone continues with them.
+    With the budget already spent it trains nothing: its final checkpoint must equal the one it
+    started from, table, replay and settings, and its evaluation the training run's."""
+    settings = ("--seed", "9", "--num-envs", "4", "--gamma", "0.95", "--replay-size", "64")
+    settings = (*settings, "--replay-batch-size", "8", "--total-timesteps", "2048", "--log-interval", "512")
+    trained = run_script(SCRIPT, *settings, "--eval-episodes", "2")
+    assert trained.returncode == 0, trained.describe()
+    (checkpoint,) = trained.checkpoints("*.npz")
+    saved = tmp_path / "saved.npz"
+    shutil.copy(checkpoint, saved)
+    state = load_npz(saved)
+    assert state["replay_states"].shape == (64,) and int(state["replay_count"]) == 64
+
+    again = run_script(SCRIPT, "--resume", str(saved))
+    assert again.returncode == 0, again.describe()
+    assert eval_figures(again.stdout) == eval_figures(trained.stdout)
+    restored = load_npz(checkpoint)
+    assert restored.keys() == state.keys()
+    for key in state:
+        if key == "args":
+            restored_args, saved_args = json.loads(str(restored[key])), json.loads(str(state[key]))
+            assert restored_args == {**saved_args, "resume": str(saved)}
+        else:
+            np.testing.assert_array_equal(restored[key], state[key], err_msg=key)
+
+    longer = run_script(SCRIPT, "--resume", str(saved), "--total-timesteps", "4096")
+    assert longer.returncode == 0, longer.describe()
+    assert int(load_npz(checkpoint)["global_step"]) == 4096
+    assert not np.array_equal(load_npz(checkpoint)["q_table"], state["q_table"])  # it went on learning
+    assert longer.steps("charts/SPS")[-4:] == [2560, 3072, 3584, 4096]
 
 
-def test_ctrl_c_saves_a_checkpoint_that_resumes_to_the_full_budget(run_script):
-    budget = ("--total-timesteps", "400000", "--num-envs", "64", "--checkpoint-freq", "1024")
-    budget = (*budget, "--eval-episodes", "1", "--log-freq", "100000")
+@pytest.mark.parametrize(("signum", "exit_code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_saves_a_checkpoint_that_resumes_to_the_full_budget(run_script, signum, exit_code):
+    """Ctrl-C, and SIGTERM as job schedulers, `timeout` and `docker stop` send it, stop the run at
+    the end of the iteration with a checkpoint; `--resume PATH` then continues it to its budget.
+    The budget is far longer than the run to the first checkpoint, so the signal always lands."""
+    budget = ("--total-timesteps", "100000000", "--num-envs", "64", "--checkpoint-freq", "1024")
+    budget = (*budget, "--seed", "9", "--eval-episodes", "1", "--log-interval", "100000")
 
     def first_checkpoint_written(workdir):
         return any(workdir.glob("runs/*/qlearning_cartpole.npz"))
 
-    interrupted = run_script(SCRIPT, *budget, interrupt_when=first_checkpoint_written)
-    assert interrupted.returncode == 130, interrupted.describe()
+    interrupted = run_script(
+        SCRIPT, *budget, interrupt_when=first_checkpoint_written, interrupt_signals=(signum,)
+    )
+    assert interrupted.returncode == exit_code, interrupted.describe()
     assert "interrupted at step" in interrupted.stderr and "Traceback" not in interrupted.stderr
-    (checkpoint,) = interrupted.checkpoints("*.npz")
+    (checkpoint,) = interrupted.checkpoints("qlearning_cartpole.npz")
     step = int(load_npz(checkpoint)["global_step"])
-    assert 0 < step < 400_000, "the run finished before Ctrl-C: make the budget larger"
+    assert 0 < step < 100_000_000
     assert f"--resume {checkpoint.relative_to(interrupted.workdir)}" in interrupted.stderr
 
-    resumed = run_script(SCRIPT, *budget, "--resume", str(checkpoint))
+    # The settings (seed 9, 64 envs...) come from the checkpoint; only the budget is shortened.
+    resumed = run_script(SCRIPT, "--resume", str(checkpoint), "--total-timesteps", str(step + 4096))
     assert resumed.returncode == 0, resumed.describe()
-    assert int(load_npz(checkpoint)["global_step"]) == 400_000
+    assert int(load_npz(checkpoint)["global_step"]) == step + 4096
 
 
-def test_track_writes_an_offline_wandb_run(run_script):
-    result = run_script(SCRIPT, *TINY, "--track", "--no-save-model")
+def test_track_writes_an_offline_wandb_run_with_its_group_and_config(run_script):
+    result = run_script(SCRIPT, *TINY, "--seed", "9", "--track", "--wandb-group", "g", "--no-save-model")
     assert result.returncode == 0, result.describe()
-    assert list((result.workdir / "wandb").glob("offline-run-*")), "no offline W&B run"
     # sync_tensorboard saw the writer: W&B keeps a copy of the run's TensorBoard events.
     assert list((result.workdir / "wandb").glob("offline-run-*/files/runs/*/events.out.tfevents.*"))
+    (run,) = read_wandb_runs(result.workdir)
+    (run_dir,) = result.run_dirs
+    assert run.group == "g" and run.name == run_dir.name
+    assert run.config["seed"] == 9 and run.config["env_id"] == "CartPole-v1"
+    assert run.config["bins"] == [3, 3, 8, 10] and run.config["wandb_group"] == "g"
 
 
-def test_any_discrete_env_works_with_one_bin_count_per_dimension(run_script):
+def test_wandb_group_defaults_to_the_exp_name_and_a_resumed_run_continues_its_wandb_run(workdir, monkeypatch):
+    """The W&B side of --track, in-process with a stand-in for wandb (a real offline run costs
+    about 20 s; the test above makes one)."""
+    inits = []
+    fake_wandb = type(sys)("wandb")
+    fake_wandb.init = lambda **kwargs: inits.append(kwargs)
+    fake_wandb.finish = lambda: None
+    monkeypatch.setitem(sys.modules, "wandb", fake_wandb)
+    qlearning_cartpole.main(qlearning_cartpole.parse_args([*TINY, "--seed", "9", "--track"]))
+    (checkpoint,) = workdir.glob("runs/*/qlearning_cartpole.npz")
+    argv = ["--resume", str(checkpoint), "--total-timesteps", "8192", "--track"]
+    qlearning_cartpole.main(qlearning_cartpole.parse_args(argv))
+    first, resumed = inits
+    assert first["group"] == resumed["group"] == "qlearning_cartpole"
+    assert first["config"]["seed"] == 9 and first["config"]["bins"] == (3, 3, 8, 10)
+    assert first["name"] == resumed["name"] == checkpoint.parent.name
+    assert first["id"] == resumed["id"] and resumed["resume"] == "allow"
+    assert resumed["config"]["total_timesteps"] == 8192 and first["sync_tensorboard"]
+
+
+def test_any_discrete_env_works_and_eval_checkpoint_takes_its_env_from_the_checkpoint(run_script):
     result = run_script(
         SCRIPT, "--env-id", "Acrobot-v1", "--total-timesteps", "1024", "--num-envs", "4",
-        "--eval-episodes", "1", "--no-save-model",
+        "--eval-episodes", "1",
         "--bins", "2", "2", "2", "2", "3", "3",
         "--obs-low", "-1", "-1", "-1", "-1", "-12", "-28",
         "--obs-high", "1", "1", "1", "1", "12", "28",
     )  # fmt: skip
     assert result.returncode == 0, result.describe()
     assert result.values("eval/episodic_return")
+    (checkpoint,) = result.checkpoints("*.npz")
+    evaluated = run_script(SCRIPT, "--eval-checkpoint", str(checkpoint))  # no --env-id, no --bins
+    assert evaluated.returncode == 0, evaluated.describe()
+    assert eval_figures(evaluated.stdout) == eval_figures(result.stdout)
 
 
 def test_non_finite_values_stop_with_a_saved_state(tmp_path):
     """An env whose reward is infinite makes the TD error NaN: stop, save, exit 1 with the step."""
     launcher = tmp_path / "launch.py"
     launcher.write_text(
-        "import sys, numpy as np, gymnasium as gym, tyro\n"
+        "import sys, numpy as np, gymnasium as gym\n"
         f"sys.path.insert(0, {str(ROOT)!r})\n"
         "import qlearning_cartpole as q\n"
         "make = q.make_envs\n"
         "q.make_envs = lambda *a: gym.wrappers.vector.TransformReward(make(*a), lambda r: r * np.inf)\n"
-        "q.main(tyro.cli(q.Args))\n"
+        "q.main(q.parse_args())\n"
     )
     result = subprocess.run(
         [sys.executable, str(launcher), *TINY],
@@ -326,13 +456,14 @@ def test_non_finite_values_stop_with_a_saved_state(tmp_path):
 
 
 def run_in_process(capsys, *argv: str) -> tuple[int, list[str]]:
-    """Parse `argv` with the script's real tyro parser and run main; return (exit code, stderr lines).
+    """Parse `argv` with the script's real parser and run main; return (exit code, stderr lines).
 
-    Bad input must be rejected before any heavy work, so these cases run in-process: the same
-    code path as the command line without paying an interpreter start per case.
+    Bad input must be rejected before any heavy work, so these cases run in-process (in the
+    `workdir` fixture's temporary folder): the same code path as the command line without paying
+    an interpreter start per case.
     """
     with pytest.raises(SystemExit) as exit_info:
-        qlearning_cartpole.main(tyro.cli(qlearning_cartpole.Args, args=list(argv)))
+        qlearning_cartpole.main(qlearning_cartpole.parse_args(list(argv)))
     return exit_info.value.code, capsys.readouterr().err.strip().splitlines()
 
 
@@ -345,6 +476,7 @@ def run_in_process(capsys, *argv: str) -> tuple[int, list[str]]:
         (("--env-id", "Acrobot-v1"), "observations have 6 dimensions but --bins gives 4"),
         (("--total-timesteps", "0"), "must be positive"),
         (("--num-envs", "-1"), "must be positive"),
+        (("--log-interval", "0"), "must be positive"),
         (("--gamma", "1.5"), "[0, 1]"),
         (("--start-epsilon", "-0.1"), "[0, 1]"),
         (("--exploration-fraction", "2"), "[0, 1]"),
@@ -357,13 +489,13 @@ def run_in_process(capsys, *argv: str) -> tuple[int, list[str]]:
         (("--replay-size", "10", "--num-envs", "16"), "cannot hold one step of 16 envs"),
         (("--resume", "missing.npz"), "does not exist"),
         (("--eval-checkpoint", "missing.npz"), "does not exist"),
-        (("--resume", "a.npz", "--eval-checkpoint", "b.npz"), "not both"),
     ],
 )
-def test_bad_input_exits_2_with_one_line(capsys, args, message):
+def test_bad_input_exits_2_with_one_line(capsys, workdir, args, message):
     code, lines = run_in_process(capsys, *args)
     assert code == 2
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
+    assert not (workdir / "runs").exists()
 
 
 def test_bad_input_through_the_real_command_line(run_script):
@@ -375,47 +507,70 @@ def test_bad_input_through_the_real_command_line(run_script):
     )
 
 
-def test_bad_checkpoints_exit_2_with_one_line(capsys, tmp_path):
-    def write(name, **overrides):
-        state = {
-            "script": "qlearning_cartpole",
-            "env_id": "CartPole-v1",
-            "run_name": "x",
-            "args": json.dumps({}),
-            "global_step": 0,
-            "iteration": 0,
-            "q_table": np.zeros((720, 2)),
-            **overrides,
-        }
-        qlearning_cartpole.save_checkpoint(tmp_path / name, state)
-        return name
+def write_checkpoint(path: Path, **overrides) -> str:
+    """A checkpoint as training writes it (default settings, step 0), with `overrides`."""
+    state = {
+        "kind": "q-table/1",
+        "env_id": "CartPole-v1",
+        "run_name": "x",
+        "args": json.loads(json.dumps(qlearning_cartpole.asdict(qlearning_cartpole.Args()))),
+        "global_step": 0,
+        "q_table": np.zeros((720, 2)),
+        "replay": qlearning_cartpole.new_replay(0),
+        **overrides,
+    }
+    qlearning_cartpole.save_checkpoint(path, state)
+    return path.name
 
-    data = (tmp_path / write("good.npz")).read_bytes()
-    (tmp_path / "truncated.npz").write_bytes(data[: len(data) // 2])
-    (tmp_path / "text.npz").write_text("not a checkpoint")
-    np.save(tmp_path / "array.npy", np.zeros(3))
+
+def test_bad_checkpoints_exit_2_with_one_line(capsys, workdir):
+    good = write_checkpoint(workdir / "good.npz")
+    data = (workdir / good).read_bytes()
+    (workdir / "truncated.npz").write_bytes(data[: len(data) // 2])
+    (workdir / "text.npz").write_text("not a checkpoint")
+    np.save(workdir / "array.npy", np.zeros(3))
     # An object array needs pickle to load; allow_pickle=False refuses it instead of running it.
-    np.savez(tmp_path / "pickled.npz", script=np.array([{"x": 1}], dtype=object))
-    np.savez(tmp_path / "foreign.npz", q_table=np.zeros(3))  # an npz, but not one of ours
+    np.savez(workdir / "pickled.npz", kind=np.array([{"x": 1}], dtype=object))
+    np.savez(workdir / "foreign.npz", q_table=np.zeros(3))  # an npz, but not one of ours
+    acrobot_args = {**json.loads(str(load_npz(workdir / good)["args"])), "env_id": "Acrobot-v1"}
+    acrobot_args.update(bins=[2] * 6, obs_low=[-1] * 6, obs_high=[1] * 6)
     cases = {
         "truncated.npz": "not a readable checkpoint",
         "text.npz": "not a readable checkpoint",
         "pickled.npz": "not a readable checkpoint",
         "array.npy": "not a checkpoint of this project",
         "foreign.npz": "not a checkpoint of this project",
-        write("other.npz", script="dqn_flappy"): "saved by dqn_flappy.py",
-        write("acrobot.npz", env_id="Acrobot-v1"): "pass --env-id Acrobot-v1",
+        write_checkpoint(workdir / "other.npz", kind="dqn/1"): "holds a dqn/1 checkpoint",
+        write_checkpoint(workdir / "no-bins.npz", args={}): "does not say how it discretised observations",
+        write_checkpoint(workdir / "no-table.npz", q_table=None): "not a readable checkpoint",
     }
-    eval_only = {write("no-bins.npz"): "does not say how it discretised observations"}
-    for flag, flag_cases in (("--resume", cases), ("--eval-checkpoint", {**cases, **eval_only})):
-        for name, message in flag_cases.items():
-            code, lines = run_in_process(capsys, flag, str(tmp_path / name))
+    for flag in ("--resume", "--eval-checkpoint"):
+        for name, message in cases.items():
+            code, lines = run_in_process(capsys, flag, str(workdir / name))
             assert code == 2, (flag, name)
             assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (
                 flag,
                 name,
                 lines,
             )
+    # The settings come from the checkpoint: an explicit flag against them is refused.
+    write_checkpoint(
+        workdir / "acrobot.npz", env_id="Acrobot-v1", args=acrobot_args, q_table=np.zeros((64, 3))
+    )
+    refused = {
+        ("--resume", good, "--seed", "2"): "--seed is 2 but the checkpoint was trained with 1",
+        ("--resume", good, "--bins", "3", "3", "8", "12"): "--bins is (3, 3, 8, 12) but the checkpoint",
+        ("--resume", good, "--num-envs", "4"): "--num-envs is 4 but the checkpoint was trained with 128",
+        ("--resume", "acrobot.npz", "--env-id", "CartPole-v1"): "--env-id is 'CartPole-v1' but",
+        ("--eval-checkpoint", "acrobot.npz", "--env-id", "CartPole-v1"): "--env-id is 'CartPole-v1' but",
+        ("--eval-checkpoint", good, "--bins", "2"): "--bins is (2,) but the checkpoint was trained with",
+        ("--resume", good, "--eval-checkpoint", good): "not both",
+    }
+    for argv, message in refused.items():
+        code, lines = run_in_process(capsys, *argv)
+        assert code == 2, argv
+        assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (argv, lines)
+    assert not (workdir / "runs").exists()
 
 
 # --- learning --------------------------------------------------------------------------------
