@@ -17,7 +17,6 @@ from collections import deque
 from pathlib import Path
 
 import numpy as np
-import tyro
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import dqn_flappy  # noqa: E402
@@ -59,4 +58,4 @@ class DequeReplayBuffer:
 
 if __name__ == "__main__":
     dqn_flappy.ReplayBuffer = DequeReplayBuffer
-    dqn_flappy.main(tyro.cli(dqn_flappy.Args))
+    dqn_flappy.main(dqn_flappy.parse_args())
