@@ -23,7 +23,7 @@ EVAL_SENTENCE = re.compile(r"eval return -?\d+\.\d\d ± \d+\.\d\d over \d+ episo
 
 
 # ---------------------------------------------------------------------------------------------
-# Fixtures: in-process runs, and a GPU's refusals without a GPU
+# Fixtures: in-process runs (the GPU guard, tensors_as_if_on_a_gpu, is in conftest.py)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -38,74 +38,6 @@ def in_tmp_path(tmp_path, monkeypatch):
     yield tmp_path
     for signum, handler in handlers.items():
         signal.signal(signum, handler)
-
-
-@pytest.fixture
-def tensors_as_if_on_a_gpu(monkeypatch):
-    """Make every torch tensor refuse NumPy conversion the way a CUDA tensor does, on a CPU.
-
-    On a GPU, `t.numpy()`, `np.asarray(t)` and `array[i] = t` raise TypeError ("can't convert
-    cuda:0 device type tensor to numpy") unless the tensor was first copied to host memory with
-    `.cpu()` or `.to("cpu")`. On the CPU all of them silently work, so a script that forgets the
-    copy passes every CPU test and crashes on its first rollout on a GPU machine. With this
-    fixture active, code running on the CPU gets the GPU's refusals:
-
-    - `Tensor.cpu()` and `Tensor.to(<the CPU>)` return a copy (as they do for a GPU tensor) and
-      record its memory as host memory;
-    - `Tensor.numpy()` and `Tensor.__array__` (which NumPy calls for `np.asarray(t)` and for
-      `array[i] = t`) raise TypeError for a tensor whose memory is not recorded. Views of a host
-      copy (indexing, reshape, detach) share its memory and convert.
-
-    Every other tensor counts as a device tensor, including one built on the CPU without a device
-    (`torch.from_numpy`) and a result computed from a host copy (convert at the end instead).
-    Calls from inside torch itself (`Module.to`, `Optimizer.load_state_dict`) record nothing, so
-    a model moved "to the device" stays a device tensor. Not caught, because a GPU allows them:
-    scalar reads (`.item()`, `float(t)`, `.tolist()`). Not caught either: an op that mixes a CPU
-    tensor with a device tensor (a RuntimeError on a GPU).
-
-    Use: request the fixture and run the script in-process (`main(parse_args([...]))`) with a
-    tiny budget; any conversion that would fail on a GPU raises TypeError.
-    """
-    host_copies: list[torch.Tensor] = []  # kept alive, so that their memory is not reused
-    host_memory: set[int] = set()
-    original_cpu, original_to = torch.Tensor.cpu, torch.Tensor.to
-    original_numpy, original_array = torch.Tensor.numpy, torch.Tensor.__array__
-
-    def copy_to_host(tensor: torch.Tensor) -> torch.Tensor:
-        copy = tensor.clone()
-        host_copies.append(copy)
-        host_memory.add(copy.untyped_storage().data_ptr())
-        return copy
-
-    def called_from_torch() -> bool:
-        # Frame 0: this function; 1: the patched method; 2: its caller.
-        return sys._getframe(2).f_globals.get("__name__", "").split(".")[0] == "torch"
-
-    def cpu(self, *args, **kwargs):
-        result = original_cpu(self, *args, **kwargs)
-        return result if called_from_torch() else copy_to_host(result)
-
-    def to(self, *args, **kwargs):
-        result = original_to(self, *args, **kwargs)
-        target = kwargs.get("device", args[0] if args else None)
-        to_cpu = isinstance(target, str | torch.device) and torch.device(target).type == "cpu"
-        return copy_to_host(result) if to_cpu and not called_from_torch() else result
-
-    def refused_off_the_host(original):
-        def guarded(self, *args, **kwargs):
-            if self.untyped_storage().data_ptr() not in host_memory and not kwargs.get("force"):
-                raise TypeError(
-                    "can't convert a device tensor to numpy (tensors_as_if_on_a_gpu): "
-                    "use Tensor.cpu() to copy the tensor to host memory first."
-                )
-            return original(self, *args, **kwargs)
-
-        return guarded
-
-    monkeypatch.setattr(torch.Tensor, "cpu", cpu)
-    monkeypatch.setattr(torch.Tensor, "to", to)
-    monkeypatch.setattr(torch.Tensor, "numpy", refused_off_the_host(original_numpy))
-    monkeypatch.setattr(torch.Tensor, "__array__", refused_off_the_host(original_array))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -532,3 +532,12 @@ def test_default_args_learn_to_pass_pipes(run_script):
     scores = result.values("eval/episodic_score")
     assert len(scores) == 10
     assert np.mean(scores) >= 10, scores
+
+
+def test_training_resume_and_evaluation_copy_device_tensors_to_the_host(tensors_as_if_on_a_gpu, in_tmp):
+    """On a GPU every tensor that reaches NumPy must go through .cpu(); the guard makes the CPU
+    refuse the same conversions, so a forgotten copy fails here rather than on a GPU machine."""
+    dqn_flappy.main(dqn_flappy.parse_args([*TINY, "--checkpoint-freq", "0"]))
+    (checkpoint,) = (in_tmp / "runs").glob("*/dqn_flappy.pt")
+    dqn_flappy.main(dqn_flappy.parse_args(["--resume", str(checkpoint), "--total-timesteps", "1600"]))
+    dqn_flappy.main(dqn_flappy.parse_args(["--eval-checkpoint", str(checkpoint)]))

@@ -512,3 +512,12 @@ def test_default_args_solve_cartpole(run_script):
     eval_returns = result.values("eval/episodic_return")
     assert len(eval_returns) == 20
     assert np.mean(eval_returns) >= 475, eval_returns
+
+
+def test_training_resume_and_evaluation_copy_device_tensors_to_the_host(tensors_as_if_on_a_gpu, in_tmp):
+    """On a GPU every tensor that reaches NumPy must go through .cpu(); the guard makes the CPU
+    refuse the same conversions, so a forgotten copy fails here rather than on a GPU machine."""
+    ppo_cartpole.main(ppo_cartpole.parse_args([*TINY, "--checkpoint-freq", "512", "--capture-video"]))
+    (checkpoint,) = (in_tmp / "runs").glob("*/ppo_cartpole.pt")
+    ppo_cartpole.main(ppo_cartpole.parse_args(["--resume", str(checkpoint), "--total-timesteps", "2048"]))
+    ppo_cartpole.main(ppo_cartpole.parse_args(["--eval-checkpoint", str(checkpoint)]))
