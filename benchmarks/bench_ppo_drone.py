@@ -49,9 +49,10 @@ def sim_child(num_envs: int, steps: int, pipeline: bool) -> None:
     if pipeline:
         envs = ppo_drone.make_envs(ppo_drone.Args(), num_envs, "cpu", torch.device("cpu"))
         envs.reset(seed=0)
+        action_dim = envs.single_action_space.shape[0]  # roll, pitch, thrust: yaw is held at 0
 
         def step(_):
-            obs, reward, *_ = envs.step(torch.rand(num_envs, 4) * 2 - 1)
+            obs, reward, *_ = envs.step(torch.rand(num_envs, action_dim) * 2 - 1)
             return reward
     else:
         envs = NormalizeActions(gym.make_vec(ENV_ID, num_envs=num_envs, freq=50, device="cpu"))
@@ -90,7 +91,7 @@ def run_train(num_envs: int, total_timesteps: int) -> float:
     with tempfile.TemporaryDirectory() as workdir:
         command = [
             sys.executable, str(ROOT / "ppo_drone.py"), "--num-envs", str(num_envs),
-            "--total-timesteps", str(total_timesteps), "--no-save-model", "--eval-episodes", "1", "--n-eval-envs", "1",
+            "--total-timesteps", str(total_timesteps), "--no-save-model", "--eval-episodes", "1", "--num-eval-envs", "1",
         ]  # fmt: skip
         done = subprocess.run(command, cwd=workdir, capture_output=True, text=True, check=False)
         if done.returncode != 0:
