@@ -611,3 +611,19 @@ def test_reduced_budget_learns_to_fly_the_start_of_the_figure_eight(run_script, 
     returns, errors = result.values("eval/episodic_return"), result.values("eval/tracking_error")
     assert len(returns) == len(errors) == 64
     assert np.mean(returns) >= 50 and np.mean(errors) <= 0.30, (np.mean(returns), np.mean(errors))
+
+
+def test_training_and_evaluation_copy_device_tensors_to_the_host(
+    tensors_as_if_on_a_gpu, tmp_path, monkeypatch
+):
+    """On a GPU every tensor that reaches NumPy must go through .cpu(); the guard makes the CPU
+    refuse the same conversions, so a forgotten copy fails here rather than on a GPU machine."""
+    monkeypatch.chdir(tmp_path)
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        ppo_drone.main(ppo_drone.parse_args([*TINY, "--checkpoint-freq", "0"]))
+        (checkpoint,) = (tmp_path / "runs").glob("*/ppo_drone.pt")
+        ppo_drone.main(ppo_drone.parse_args(["--eval-checkpoint", str(checkpoint)]))
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
