@@ -554,7 +554,9 @@ def test_sigterm_saves_a_checkpoint_that_resumes_exactly_and_to_the_full_budget(
 
 
 def test_a_second_ctrl_c_aborts_without_waiting(run_script, jax_cache):
-    budget = ("--total-timesteps", "1000000", *SHAPE, *EVAL, "--no-save-model")
+    # One long rollout (16 drones x 4096 steps): both signals arrive before the iteration ends,
+    # however slow the machine, so the first cannot finish the run before the second lands.
+    budget = ("--total-timesteps", "1000000", *SHAPE, "--num-steps", "4096", *EVAL, "--no-save-model")
 
     def training(workdir):
         return any(workdir.glob("runs/*/events.out.tfevents.*"))
