@@ -11,28 +11,42 @@ network, which scales them to [0, 1] itself.
 Run:
     python ppo_atari.py --env-id ALE/Pong-v5 --track   # train, evaluate, save runs/<run>/ppo_atari.pt
     python ppo_atari.py --env-id BreakoutNoFrameskip-v4   # the older id style: no sticky actions
+    python ppo_atari.py --resume runs/<run>/ppo_atari.pt   # continue an interrupted run
     python ppo_atari.py --eval-checkpoint runs/<run>/ppo_atari.pt --capture-video
+    python ppo_atari.py --eval-checkpoint runs/<run>/checkpoints   # curve over the kept checkpoints
     tensorboard --logdir runs
 
-Expect: the published result of these hyper-parameters on Pong is a return of about +20 after
-10M frames (2.5M agent steps; the default --total-timesteps of 10M agent steps is 40M frames).
-This script has not been trained that far yet: on a 2-core CPU it runs at a few hundred agent
-steps per second at best (a full run takes days), so train on a GPU (--cuda, the default, uses
-one when present). Evaluation samples the policy; --eval-greedy takes the most probable action.
+Expect: [TO UPDATE with the 1M-step run of this version: its wall time and steps/s, and the first
+checkpoint that beats the random policy (about -20.3) in every evaluation episode after it.] A check
+run of the previous version (fp32, seed 1, --torch-threads 2, quiet 2-core CPU, starting at ~290 agent steps/s)
+played Pong at random level for 400k agent steps, then climbed: training-episode mean -18.6 over
+400-500k steps, -15.1 over 500-600k, -13.7 over 700-800k: at that rate 1M agent steps take about
+an hour on 2 cores and the default 10M (40M frames) about 10 hours, not days. bf16 (on by default
+where the CPU has it) made the network's minibatch step 1.5-1.6x faster with one thread and
+1.1-1.35x with two on the project's AVX512-BF16 CPU (benchmarks/bench_ppo_atari_bf16.py). The
+published result of these hyper-parameters is about +20 after 10M frames (2.5M agent steps). On
+RoadRunnerNoFrameskip-v4 the defaults score 630 +- 548 after 20,480 agent steps (~3 minutes),
+where the random policy scores 0 on the same evaluation games (the learning test). The final
+evaluation plays --eval-episodes (10) full games, sampling the policy; --eval-greedy takes the
+most probable action. --capture-video records the first evaluation game as the network sees it.
 """
 
 from __future__ import annotations
 
 import difflib
+import functools
+import hashlib
 import os
 import random
 import re
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass
+from collections import deque
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NoReturn
 
 import ale_py
 import gymnasium as gym
@@ -45,7 +59,9 @@ from torch.distributions import Categorical
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-SCRIPT = Path(__file__).stem
+# Checkpoints are identified by this kind, not by the file name: a renamed copy of this script
+# still loads its own checkpoints.
+CHECKPOINT_KIND = "ppo-atari-cnn/1"
 # Importing ale_py registers its ids with gymnasium; this call only makes that dependency explicit.
 gym.register_envs(ale_py)
 # The two id styles this script accepts: the ALE v5 ids (sticky actions on) and the classic
@@ -57,7 +73,7 @@ MAX_EPISODE_FRAMES = 108_000
 
 @dataclass
 class Args:
-    exp_name: str = SCRIPT
+    exp_name: str = Path(__file__).stem
     """name of this experiment (part of the run name and of the checkpoint file name)"""
     seed: int = 1
     """seed of random, NumPy, torch and the environments (env i gets seed + i)"""
@@ -65,43 +81,53 @@ class Args:
     """make cuDNN deterministic (cudnn.deterministic=True, cudnn.benchmark=False)"""
     cuda: bool = True
     """use a GPU when one is present"""
+    # The game threads and the network take turns (the network waits for the frames it acts on),
+    # so torch may use every core: on a quiet 2-core CPU two threads ran ~1.5x faster than one.
+    # On a CPU crowded by other jobs the threads wait for each other (measured 2-3x slower than
+    # one thread at a load of 5 on 2 cores): give --torch-threads 1 there.
+    torch_threads: int = torch.get_num_threads()
+    """CPU threads for torch (default: torch's, OMP_NUM_THREADS or one per core; 1 is faster on a CPU crowded by other jobs)"""
+    bf16: bool = True
+    """run the convolutions and the hidden layer in bfloat16 (autocast; weights, optimiser and heads stay fp32) where the hardware has native bf16 (AVX512-BF16/AMX CPUs, Ampere+ GPUs); --no-bf16: fp32 throughout"""
     track: bool = False
     """log the run to Weights & Biases (works offline with WANDB_MODE=offline)"""
     wandb_project_name: str = "rl-scripts"
     """the W&B project"""
     wandb_entity: str | None = None
     """the W&B entity (team or user); None uses your default"""
+    wandb_group: str | None = None
+    """W&B group, so the seeds of one experiment plot together (default: --exp-name)"""
     capture_video: bool = False
     """record the evaluation episodes as mp4 under videos/<run_name>/"""
     save_model: bool = True
-    """save the checkpoint runs/<run_name>/<exp_name>.pt (at the end, periodically, on Ctrl-C)"""
+    """save the checkpoint runs/<run_name>/<exp_name>.pt (at the end, periodically, on Ctrl-C/SIGTERM)"""
     checkpoint_freq: int = 500_000
-    """also save a checkpoint every this many agent steps (0 disables periodic saves)"""
+    """also save a checkpoint every this many agent steps, kept in runs/<run_name>/checkpoints/ (0: never)"""
+    log_interval: int = 1024
+    """write the loss statistics every this many agent steps (0: never)"""
     resume: str | None = None
-    """path of a checkpoint to continue training from"""
+    """path of a checkpoint to continue training from, with its settings"""
     eval_checkpoint: str | None = None
     """path of a checkpoint to evaluate for --eval-episodes episodes, then exit"""
     eval_episodes: int = 10
     """episodes of the final evaluation (and of --eval-checkpoint), played in parallel"""
-    eval_greedy: bool = False
-    """evaluate the most probable action instead of sampling the policy (see `evaluate`)"""
-
     env_id: str = "ALE/Pong-v5"
     """an Atari game: ALE/<Game>-v5 (sticky actions) or <Game>NoFrameskip-v4 (none)"""
+    total_timesteps: int = 10_000_000
+    """agent steps to train for, summed over the envs (each agent step is 4 game frames)"""
+
+    eval_greedy: bool = False
+    """evaluate the most probable action instead of sampling the policy (see `evaluate`)"""
     env_backend: Literal["ale", "gymnasium"] = "ale"
     """ale: ale-py's native C++ vector env; gymnasium: SyncVectorEnv of gym.make + wrappers"""
     env_threads: int = 0
     """threads of the native vector env (0: one per CPU core)"""
-    torch_threads: int = 1
-    """CPU threads of torch (1 was fastest on a shared 2-core machine; raise it on a bigger one)"""
     repeat_action_probability: float | None = None
     """sticky-action probability; None keeps the id's own (0.25 for v5 ids, 0 for v4 ids)"""
     episodic_life: bool = True
     """treat the loss of a life as the end of an episode for learning (not for logged returns)"""
     clip_rewards: bool = True
     """learn from the sign of each reward (the logged returns stay the true scores)"""
-    total_timesteps: int = 10_000_000
-    """agent steps to train for, summed over the envs (each agent step is 4 game frames)"""
     learning_rate: float = 2.5e-4
     """Adam learning rate (annealed linearly to 0 with --anneal-lr)"""
     num_envs: int = 8
@@ -138,50 +164,8 @@ class Args:
         return self.num_envs * self.num_steps
 
     @property
-    def minibatch_size(self) -> int:
-        return self.batch_size // self.num_minibatches
-
-    @property
     def num_iterations(self) -> int:
         return max(1, self.total_timesteps // self.batch_size)
-
-
-def fail(message: str) -> None:
-    """Report bad input as one line on stderr and exit with status 2 (no traceback)."""
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
-def validate(args: Args) -> None:
-    """Check every knob before any heavy work, so a typo costs a second, not a run."""
-    for name in ("total_timesteps", "num_envs", "num_steps", "num_minibatches", "update_epochs"):
-        if getattr(args, name) <= 0:
-            fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    if args.eval_episodes <= 0:
-        fail(f"--eval-episodes must be positive, got {args.eval_episodes}")
-    if args.torch_threads <= 0:
-        fail(f"--torch-threads must be positive, got {args.torch_threads}")
-    for name in ("checkpoint_freq", "env_threads"):
-        if getattr(args, name) < 0:
-            fail(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    if args.batch_size % args.num_minibatches:
-        fail(
-            f"--num-minibatches {args.num_minibatches} does not divide the batch of "
-            f"{args.batch_size} (= num_envs {args.num_envs} x num_steps {args.num_steps})"
-        )
-    for name in ("gamma", "gae_lambda"):
-        if not 0.0 <= getattr(args, name) <= 1.0:
-            fail(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}")
-    if args.repeat_action_probability is not None and not 0.0 <= args.repeat_action_probability <= 1.0:
-        fail(f"--repeat-action-probability must be in [0, 1], got {args.repeat_action_probability}")
-    for name in ("learning_rate", "clip_coef", "max_grad_norm"):
-        if getattr(args, name) <= 0:
-            fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    if args.target_kl is not None and args.target_kl <= 0:
-        fail(f"--target-kl must be positive (or omitted), got {args.target_kl}")
-    if args.resume and args.eval_checkpoint:
-        fail("give either --resume or --eval-checkpoint, not both")
-    atari_game(args.env_id)
 
 
 def atari_game(env_id: str) -> tuple[str, float]:
@@ -217,28 +201,21 @@ class FireOnReset(gym.Wrapper):
         return obs, info
 
 
-def make_gymnasium_env(env_id: str, sticky: float, video_folder: str | None, index: int) -> gym.Env:
-    """One game through gymnasium's wrappers, preprocessed as the native vector env does it."""
+def make_gymnasium_env(env_id: str, sticky: float, noop_max: int) -> gym.Env:
+    """One game through gymnasium's wrappers, preprocessed as the native vector env does it: the
+    same frames, up to the no-op starts (their random counts come from another generator)."""
     env = gym.make(
         env_id,
         frameskip=1,
         repeat_action_probability=sticky,
         full_action_space=False,
         max_num_frames_per_episode=MAX_EPISODE_FRAMES,
-        render_mode="rgb_array" if video_folder else None,
     )
-    if video_folder:
-        # Recorded below the frame skip: the video shows every frame at the game's 60 fps.
-        env = gym.wrappers.RecordVideo(
-            env,
-            video_folder,
-            episode_trigger=lambda episode: episode == 0,
-            name_prefix=f"env{index}",
-            fps=60,
-        )
-    env = gym.wrappers.AtariPreprocessing(env, noop_max=30, frame_skip=4, screen_size=84)
+    env = gym.wrappers.AtariPreprocessing(env, noop_max=noop_max, frame_skip=4, screen_size=84)
     env = FireOnReset(env)
-    return gym.wrappers.FrameStackObservation(env, 4)
+    # The native env starts an episode's stack with three black frames, not with copies of the
+    # first: the network must see the same thing from either backend.
+    return gym.wrappers.FrameStackObservation(env, 4, padding_type="zero")
 
 
 def make_envs(
@@ -247,25 +224,26 @@ def make_envs(
     sticky: float | None,
     backend: str = "ale",
     threads: int = 0,
-    video_folder: str | None = None,
+    noop_max: int = 30,
 ) -> gym.vector.VectorEnv:
     """`num_envs` preprocessed games with episode statistics of the true (unclipped) scores.
 
     Both backends give (N, 4, 84, 84) uint8 observations, the game's own rewards, the `lives` info
     and next-step autoreset (gymnasium >= 1.0), which `main` masks out of the rollout. The native
     env steps every game in C++ threads, about 4x faster than a Python loop over wrapped envs; the
-    gymnasium one can render, so the video of the evaluation episodes goes through it.
+    gymnasium one is there to check the native one against (tests) and for platforms without it.
+    Videos are made of the observations themselves (see `evaluate`), whichever the backend.
     """
     game, default_sticky = atari_game(env_id)
     sticky = default_sticky if sticky is None else sticky
-    if backend == "ale" and video_folder is None:
+    if backend == "ale":
         envs = AtariVectorEnv(
             game,
             num_envs,
             num_threads=threads,
             repeat_action_probability=sticky,
             max_num_frames_per_episode=MAX_EPISODE_FRAMES,
-            noop_max=30,
+            noop_max=noop_max,
             use_fire_reset=True,
             # Clipped rewards are not the game's score: clip in `main`, log the true return here.
             reward_clipping=False,
@@ -275,10 +253,7 @@ def make_envs(
         )
     else:
         envs = gym.vector.SyncVectorEnv(
-            [
-                lambda index=index: make_gymnasium_env(env_id, sticky, video_folder, index)
-                for index in range(num_envs)
-            ]
+            [lambda: make_gymnasium_env(env_id, sticky, noop_max) for _ in range(num_envs)]
         )
     return gym.wrappers.vector.RecordEpisodeStatistics(envs)
 
@@ -293,8 +268,9 @@ def layer_init(layer: nn.Module, gain: float = np.sqrt(2), bias: float = 0.0) ->
 class Agent(nn.Module):
     """The Nature CNN (3 conv + 512 linear) shared by a policy head and a value head."""
 
-    def __init__(self, num_actions: int):
+    def __init__(self, num_actions: int, bf16: bool = False):
         super().__init__()
+        self.bf16 = bf16
         self.trunk = nn.Sequential(
             layer_init(nn.Conv2d(4, 32, 8, stride=4)),
             nn.ReLU(),
@@ -316,7 +292,13 @@ class Agent(nn.Module):
         # Channels-last (NHWC) is the layout oneDNN's CPU convolutions run fastest on: the update
         # measured 1.4-1.6x faster than with NCHW on a 2-core Xeon, for the same arithmetic.
         frames = obs.float().div_(255.0).contiguous(memory_format=torch.channels_last)
-        hidden = self.trunk(frames)
+        # The trunk is nearly all of the arithmetic: in bfloat16 it runs ~1.5x faster on CPUs with
+        # native bf16 (measured, see benchmarks/bench_ppo_atari_bf16.py). The two heads stay fp32:
+        # the PPO ratio exp(new - old log-prob) is clipped at 1 +- 0.1, and bf16's 3 significant
+        # digits in the logits would be noise of that order.
+        with torch.autocast(frames.device.type, torch.bfloat16, enabled=self.bf16):
+            hidden = self.trunk(frames)
+        hidden = hidden.float()
         return self.actor(hidden), self.critic(hidden).squeeze(-1)
 
     def get_value(self, obs: torch.Tensor) -> torch.Tensor:
@@ -335,6 +317,7 @@ class Agent(nn.Module):
         return self(obs)[0].argmax(dim=-1)
 
 
+# Copied from ppo_cartpole.py: compute_gae
 def compute_gae(
     rewards: torch.Tensor,
     values: torch.Tensor,
@@ -349,7 +332,7 @@ def compute_gae(
     the final step. With next-step autoreset the observation after an episode's last step is its
     final observation, so `values[t + 1]` is V(final obs) exactly where a *truncated* episode must
     be bootstrapped from it. Hence:
-      - `terminated[t]` (the MDP ended, or a life was lost) removes the bootstrap term;
+      - `terminated[t]` (the MDP ended) removes the bootstrap term: nothing follows a terminal state;
       - `episode_ended[t]` (terminated or truncated) stops the advantage recursion, so credit never
         flows across an episode boundary, but a truncated step still bootstraps from V(final obs).
     The step after an episode ends (the autoreset step) gets a meaningless advantage here; the
@@ -359,14 +342,15 @@ def compute_gae(
     advantages = torch.zeros_like(rewards)
     next_advantage = torch.zeros_like(rewards[0])
     for t in reversed(range(num_steps)):
-        not_terminal = 1.0 - terminated[t].to(rewards.dtype)
-        continues = 1.0 - episode_ended[t].to(rewards.dtype)
+        not_terminal = (~terminated[t]).to(rewards.dtype)
+        continues = (~episode_ended[t]).to(rewards.dtype)
         delta = rewards[t] + gamma * values[t + 1] * not_terminal - values[t]
         next_advantage = delta + gamma * gae_lambda * continues * next_advantage
         advantages[t] = next_advantage
     return advantages, advantages + values[:-1]
 
 
+# Copied from ppo_cartpole.py: ppo_loss
 def ppo_loss(
     new_logprobs: torch.Tensor,
     old_logprobs: torch.Tensor,
@@ -417,11 +401,13 @@ def learning_signals(
     return reward.astype(np.float32), learn_terminated, learn_terminated | truncated
 
 
+# Copied from ppo_cartpole.py: linear_schedule
 def linear_schedule(start: float, iteration: int, num_iterations: int) -> float:
     """Value at 1-based `iteration` of a linear decay from `start` (iteration 1) towards 0."""
     return start * (1.0 - (iteration - 1.0) / num_iterations)
 
 
+# Copied from ppo_cartpole.py: explained_variance
 def explained_variance(predictions: torch.Tensor, targets: torch.Tensor) -> float:
     """1 - Var(targets - predictions) / Var(targets): 1 is perfect, 0 is no better than a mean."""
     target_variance = targets.var()
@@ -430,378 +416,30 @@ def explained_variance(predictions: torch.Tensor, targets: torch.Tensor) -> floa
     return float(1.0 - (targets - predictions).var() / target_variance)
 
 
-@torch.inference_mode()
-def evaluate(
-    agent: Agent, envs: gym.vector.VectorEnv, seed: int, device: torch.device, greedy: bool = False
-) -> np.ndarray:
-    """Play one full episode in each of the vector's envs; return their true (unclipped) returns.
-
-    The policy is sampled by default, as the Atari literature scores PPO: an argmax policy can
-    freeze in a state it never learnt to leave (Breakout waits for FIRE after a lost life), and
-    the episode then runs to the 30-minute cap.
-    """
-    returns = np.full(envs.num_envs, np.nan)
-    obs, _ = envs.reset(seed=seed)
-    while np.isnan(returns).any():
-        obs = torch.from_numpy(obs).to(device)
-        action = agent.greedy_action(obs) if greedy else agent.get_action_and_value(obs)[0]
-        obs, _, _, _, infos = envs.step(action.cpu().numpy())
-        if "episode" in infos:
-            first = infos["_episode"] & np.isnan(returns)
-            returns[first] = infos["episode"]["r"][first]
-    envs.close()
-    return returns
-
-
-def save_checkpoint(path: Path, state: dict) -> None:
-    """Write atomically: a crash mid-write leaves the previous checkpoint intact."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    torch.save(state, temporary)
-    os.replace(temporary, path)
-
-
-def load_checkpoint(path: str, env_id: str) -> dict:
-    """Load and check a checkpoint of this script for `env_id`; fail with one line otherwise."""
-    if not Path(path).is_file():
-        fail(f"checkpoint {path} does not exist")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        fail(f"{path} is not a readable checkpoint ({type(error).__name__}); it may be truncated")
-    if not isinstance(checkpoint, dict) or "script" not in checkpoint:
-        fail(f"{path} is not a checkpoint of this project")
-    if checkpoint["script"] != SCRIPT:
-        fail(f"{path} was saved by {checkpoint['script']}.py, not {SCRIPT}.py")
-    if checkpoint["env_id"] != env_id:
-        fail(
-            f"{path} was saved for {checkpoint['env_id']}, not {env_id}; pass --env-id {checkpoint['env_id']}"
-        )
-    return checkpoint
-
-
-def seed_everything(seed: int, torch_deterministic: bool) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    torch.backends.cudnn.deterministic = torch_deterministic
-    torch.backends.cudnn.benchmark = not torch_deterministic
-
-
-def pick_device(want_cuda: bool, torch_threads: int) -> torch.device:
-    if want_cuda and torch.cuda.is_available():
-        return torch.device("cuda")
-    if want_cuda:
-        print("note: no CUDA device found, training on the CPU", file=sys.stderr)
-    # On a 2-core machine shared with the env threads (and other jobs), torch's intra-op threads
-    # spin-wait on each other: measured 2-20x slower per forward/backward pass than one thread.
-    torch.set_num_threads(torch_threads)
-    return torch.device("cpu")
-
-
-def build_agent(env_id: str, device: torch.device) -> Agent:
-    env = gym.make(env_id)
-    agent = Agent(int(env.action_space.n))
-    env.close()
-    return agent.to(device, memory_format=torch.channels_last)
-
-
-def evaluate_checkpoint(args: Args) -> None:
-    """--eval-checkpoint: rebuild the agent from the checkpoint and play --eval-episodes games."""
-    checkpoint = load_checkpoint(args.eval_checkpoint, args.env_id)
-    device = pick_device(args.cuda, args.torch_threads)
-    agent = build_agent(args.env_id, device)
-    agent.load_state_dict(checkpoint["model"])
-    video_folder = f"videos/{checkpoint['run_name']}/eval-checkpoint" if args.capture_video else None
-    sticky = checkpoint["args"]["repeat_action_probability"]
-    envs = make_envs(
-        args.env_id, args.eval_episodes, sticky, args.env_backend, args.env_threads, video_folder
-    )
-    returns = evaluate(agent, envs, args.seed, device, args.eval_greedy)
-    print(
-        f"eval: return {returns.mean():.2f} ± {returns.std():.2f} over {len(returns)} episodes"
-        f" ({args.eval_checkpoint})"
-    )
-
-
-class InterruptFlag:
-    """First Ctrl-C asks the loop to stop at the end of the iteration (and save); a second aborts."""
-
-    def __init__(self):
-        self.requested = False
-        signal.signal(signal.SIGINT, self._handle)
-
-    def _handle(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        print(
-            "\nstopping after this iteration (Ctrl-C again to abort without saving)",
-            file=sys.stderr,
-        )
-
-
-def main(args: Args) -> None:
-    validate(args)
-    if args.eval_checkpoint:
-        evaluate_checkpoint(args)
-        return
-
-    checkpoint = load_checkpoint(args.resume, args.env_id) if args.resume else None
-    if checkpoint is not None:
-        run_name = checkpoint["run_name"]
-        start_iteration = checkpoint["iteration"] + 1
-        global_step = checkpoint["global_step"]
-    else:
-        run_name = f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"
-        start_iteration, global_step = 1, 0
-    run_dir = Path("runs") / run_name
-    checkpoint_path = run_dir / f"{args.exp_name}.pt"
-
-    if args.track:
-        import wandb
-
-        wandb.init(
-            project=args.wandb_project_name,
-            entity=args.wandb_entity,
-            sync_tensorboard=True,
-            config=vars(args),
-            name=run_name,
-            save_code=True,
-            resume="allow" if checkpoint else None,
-        )
-    writer = SummaryWriter(str(run_dir))
-    writer.add_text(
-        "hyperparameters",
-        "|param|value|\n|-|-|\n" + "\n".join(f"|{key}|{value}|" for key, value in vars(args).items()),
-    )
-
-    # A resumed run reseeds with an offset so it does not replay the random stream of its start.
-    seed = args.seed + (start_iteration - 1)
-    seed_everything(seed, args.torch_deterministic)
-    device = pick_device(args.cuda, args.torch_threads)
-
-    envs = make_envs(
-        args.env_id,
-        args.num_envs,
-        args.repeat_action_probability,
-        args.env_backend,
-        args.env_threads,
-    )
-    agent = build_agent(args.env_id, device)
-    optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)
-    if checkpoint is not None:
-        try:
-            agent.load_state_dict(checkpoint["model"])
-            optimizer.load_state_dict(checkpoint["optimizer"])
-        except (RuntimeError, ValueError, KeyError) as error:
-            fail(f"{args.resume} does not match these args ({str(error).splitlines()[0]})")
-
-    def training_state(iteration: int) -> dict:
-        return {
-            "script": SCRIPT,
-            "env_id": args.env_id,
-            "run_name": run_name,
-            "args": asdict(args),
-            "global_step": global_step,
-            "iteration": iteration,
-            "model": agent.state_dict(),
-            "optimizer": optimizer.state_dict(),
-        }
-
-    # Rollout storage, preallocated. What the network computes lives on the device; what the envs
-    # return per step (rewards, flags) is gathered on the host and uploaded once per rollout, so a
-    # step costs one observation upload and one action download, no other host-device round trip.
-    shape = (args.num_steps, args.num_envs)
-    obs = torch.zeros(shape + envs.single_observation_space.shape, dtype=torch.uint8, device=device)
-    actions = torch.zeros(shape, dtype=torch.long, device=device)
-    logprobs = torch.zeros(shape, device=device)
-    values = torch.zeros((args.num_steps + 1, args.num_envs), device=device)
-    rewards = np.zeros(shape, dtype=np.float32)
-    terminated = np.zeros(shape, dtype=bool)
-    episode_ended = np.zeros(shape, dtype=bool)
-    valid = np.zeros(shape, dtype=bool)
-
-    next_obs, infos = envs.reset(seed=seed)
-    lives = infos["lives"]
-    # True where the env's previous step ended a game: its next step is the autoreset step.
-    next_is_autoreset = np.zeros(args.num_envs, dtype=bool)
-
-    recent_returns: list[float] = []
-    interrupt = InterruptFlag()
-    start_time = time.time()
-    start_step = global_step
-    progress = tqdm(
-        total=args.num_iterations * args.batch_size,
-        initial=global_step,
-        unit="step",
-        dynamic_ncols=True,
-    )
-    iteration = start_iteration - 1
-    for iteration in range(start_iteration, args.num_iterations + 1):
-        if args.anneal_lr:
-            optimizer.param_groups[0]["lr"] = linear_schedule(
-                args.learning_rate, iteration, args.num_iterations
-            )
-
-        for step in range(args.num_steps):
-            global_step += args.num_envs
-            obs[step] = torch.from_numpy(next_obs)
-            # Gymnasium >= 1.0 autoresets on the step *after* a game ends: that step ignores the
-            # action and returns the reset observation with reward 0. It is not a transition, so
-            # it is kept out of the update (valid = False) instead of being learned from.
-            valid[step] = ~next_is_autoreset
-            with torch.inference_mode():
-                action, logprob, _, value = agent.get_action_and_value(obs[step])
-            values[step] = value
-            actions[step] = action
-            logprobs[step] = logprob
-
-            next_obs, reward, term, trunc, infos = envs.step(action.cpu().numpy())
-            rewards[step], terminated[step], episode_ended[step] = learning_signals(
-                reward,
-                term,
-                trunc,
-                infos["lives"],
-                lives,
-                next_is_autoreset,
-                args.clip_rewards,
-                args.episodic_life,
-            )
-            lives = infos["lives"]
-            next_is_autoreset = term | trunc
-
-            if "episode" in infos:
-                for env_index in np.flatnonzero(infos["_episode"]):
-                    episode_return = float(infos["episode"]["r"][env_index])
-                    writer.add_scalar("charts/episodic_return", episode_return, global_step)
-                    writer.add_scalar(
-                        "charts/episodic_length", int(infos["episode"]["l"][env_index]), global_step
-                    )
-                    recent_returns = (recent_returns + [episode_return])[-20:]
-
-        with torch.inference_mode():
-            # After the last step: V(next obs), which is V(final obs) where a game just ended.
-            values[args.num_steps] = agent.get_value(torch.from_numpy(next_obs).to(device))
-            advantages, returns = compute_gae(
-                torch.from_numpy(rewards).to(device),
-                values,
-                torch.from_numpy(terminated).to(device),
-                torch.from_numpy(episode_ended).to(device),
-                args.gamma,
-                args.gae_lambda,
-            )
-
-        # Flat indices of the real transitions: the autoreset steps are left out, and the
-        # uint8 frames are gathered per minibatch rather than copied as a whole.
-        keep = torch.from_numpy(np.flatnonzero(valid)).to(device)
-        stats = update(
-            agent,
-            optimizer,
-            args,
-            keep,
-            obs.flatten(0, 1),
-            actions.flatten(),
-            logprobs.flatten(),
-            advantages.flatten(),
-            returns.flatten(),
-            values[:-1].flatten(),
-        )
-        if not stats["finite"]:
-            nan_path = run_dir / f"{args.exp_name}_nan.pt"
-            save_checkpoint(nan_path, training_state(iteration))
-            progress.close()
-            print(
-                f"error: loss became non-finite at step {global_step}; state saved to {nan_path}",
-                file=sys.stderr,
-            )
-            sys.exit(1)
-
-        sps = int((global_step - start_step) / (time.time() - start_time))
-        writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
-        writer.add_scalar("charts/SPS", sps, global_step)
-        for key in (
-            "policy_loss",
-            "value_loss",
-            "entropy",
-            "old_approx_kl",
-            "approx_kl",
-            "clipfrac",
-            "ratio_mean",
-            "ratio_max",
-        ):
-            writer.add_scalar(f"losses/{key}", stats[key], global_step)
-        b_values, b_returns = values[:-1].flatten()[keep], returns.flatten()[keep]
-        writer.add_scalar("losses/explained_variance", explained_variance(b_values, b_returns), global_step)
-        if iteration % 10 == 1:
-            writer.add_histogram("losses/advantages", advantages.flatten()[keep], global_step)
-
-        progress.update(args.batch_size)
-        if recent_returns:
-            progress.set_postfix(sps=sps, ret=f"{np.mean(recent_returns):.1f}", refresh=False)
-
-        if (
-            args.save_model
-            and args.checkpoint_freq
-            and global_step // args.checkpoint_freq != (global_step - args.batch_size) // args.checkpoint_freq
-        ):
-            save_checkpoint(checkpoint_path, training_state(iteration))
-        if interrupt.requested:
-            break
-    progress.close()
-    envs.close()
-
-    if args.save_model:
-        save_checkpoint(checkpoint_path, training_state(iteration))
-    if interrupt.requested:
-        writer.close()
-        where = (
-            f": checkpoint saved to {checkpoint_path} (continue with --resume {checkpoint_path})"
-            if args.save_model
-            else ""
-        )
-        print(f"interrupted at step {global_step}{where}", file=sys.stderr)
-        sys.exit(130)
-
-    video_folder = f"videos/{run_name}/eval" if args.capture_video else None
-    eval_envs = make_envs(
-        args.env_id,
-        args.eval_episodes,
-        args.repeat_action_probability,
-        args.env_backend,
-        args.env_threads,
-        video_folder,
-    )
-    eval_returns = evaluate(agent, eval_envs, args.seed + 10_000, device, args.eval_greedy)
-    for episode, episode_return in enumerate(eval_returns):
-        writer.add_scalar("eval/episodic_return", episode_return, episode)
-    writer.close()
-    if args.track:
-        import wandb
-
-        wandb.finish()
-    elapsed = time.time() - start_time
-    saved = f"; checkpoint {checkpoint_path}" if args.save_model else ""
-    print(
-        f"done: {global_step} steps in {elapsed:.1f}s ({(global_step - start_step) / elapsed:.0f} steps/s); "
-        f"eval return {eval_returns.mean():.2f} ± {eval_returns.std():.2f} over {len(eval_returns)} episodes{saved}"
-    )
-
-
 def update(
     agent, optimizer, args, keep, b_obs, b_actions, b_logprobs, b_advantages, b_returns, b_values
 ) -> dict:
-    """Several epochs of minibatch PPO over the `keep` samples of one rollout; last epoch's stats."""
+    """Several epochs of minibatch PPO over the `keep` samples of one rollout; last epoch's stats.
+
+    `keep` holds the flat indices of the real transitions (the autoreset steps are left out), so
+    a minibatch gathers its uint8 frames rather than the whole rollout being copied first.
+    """
+    if len(keep) == 0:  # every step of the rollout was an autoreset step: nothing to learn from
+        return {"finite": True}
     clipfracs = []
     stats = {}
     for _epoch in range(args.update_epochs):
         permutation = keep[torch.randperm(len(keep), device=keep.device)]
         for minibatch in permutation.tensor_split(args.num_minibatches):
+            # Fewer real transitions than minibatches leaves some empty: the mean of nothing is NaN.
+            if len(minibatch) == 0:
+                continue
             _, new_logprob, entropy, new_value = agent.get_action_and_value(
                 b_obs[minibatch], b_actions[minibatch]
             )
             log_ratio = new_logprob - b_logprobs[minibatch]
             advantages = b_advantages[minibatch]
+            # The standard deviation of a single advantage is NaN: normalise two or more.
             if args.norm_adv and len(advantages) > 1:
                 advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
             policy_loss, value_loss, ratio = ppo_loss(
@@ -846,5 +484,626 @@ def update(
     return stats
 
 
+def main(args: Args) -> None:
+    validate(args)
+    if args.eval_checkpoint:
+        evaluate_checkpoint(args)
+        return
+    checkpoint = load_checkpoint(args.resume) if args.resume else None
+    if checkpoint is not None:
+        check_settings(args, checkpoint["args"], RESUME_MAY_CHANGE)
+        run_name, global_step, start_iteration = (
+            checkpoint["run_name"],
+            checkpoint["global_step"],
+            checkpoint["iteration"] + 1,
+        )
+    else:
+        run_name = f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+        global_step, start_iteration = 0, 1
+    run = Run(args, run_name, total_steps=args.num_iterations * args.batch_size, global_step=global_step)
+    # A resumed run reseeds with an offset so it does not replay the random stream of its start.
+    seed = args.seed + start_iteration - 1
+    seed_everything(seed, args.torch_deterministic)
+    device = pick_device(args.cuda, args.torch_threads)
+    envs = make_envs(
+        args.env_id, args.num_envs, args.repeat_action_probability, args.env_backend, args.env_threads
+    )
+    agent = build_agent(args.env_id, device, args.bf16)
+    optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)
+    if checkpoint is not None:
+        restore(agent, optimizer, checkpoint, args.resume)
+
+    # The last finished iteration: what training_state saves, and where a resumed run goes on.
+    iteration = start_iteration - 1
+
+    def training_state() -> dict:
+        return {
+            "kind": CHECKPOINT_KIND,
+            "env_id": args.env_id,
+            "run_name": run_name,
+            "args": asdict(args),
+            "global_step": global_step,
+            "iteration": iteration,
+            "model": agent.state_dict(),
+            "optimizer": optimizer.state_dict(),
+        }
+
+    # Rollout storage, preallocated. What the network computes lives on the device; what the envs
+    # return per step (rewards, flags) is gathered on the host and uploaded once per rollout, so a
+    # step costs one observation upload and one action download, no other host-device round trip.
+    shape = (args.num_steps, args.num_envs)
+    obs = torch.zeros(shape + envs.single_observation_space.shape, dtype=torch.uint8, device=device)
+    actions = torch.zeros(shape, dtype=torch.long, device=device)
+    logprobs = torch.zeros(shape, device=device)
+    values = torch.zeros((args.num_steps + 1, args.num_envs), device=device)
+    rewards = np.zeros(shape, dtype=np.float32)
+    terminated = np.zeros(shape, dtype=bool)
+    episode_ended = np.zeros(shape, dtype=bool)
+    valid = np.zeros(shape, dtype=bool)
+
+    next_obs, infos = envs.reset(seed=seed)
+    lives = infos["lives"]
+    # True where the env's previous step ended a game: its next step is the autoreset step.
+    next_is_autoreset = np.zeros(args.num_envs, dtype=bool)
+
+    for iteration in range(start_iteration, args.num_iterations + 1):
+        previous_step = global_step
+        if args.anneal_lr:
+            optimizer.param_groups[0]["lr"] = linear_schedule(
+                args.learning_rate, iteration, args.num_iterations
+            )
+
+        for step in range(args.num_steps):
+            global_step += args.num_envs
+            obs[step] = torch.from_numpy(next_obs)
+            # Gymnasium >= 1.0 autoresets on the step *after* a game ends: that step ignores the
+            # action and returns the reset observation with reward 0. It is not a transition, so
+            # it is kept out of the update (valid = False) instead of being learned from.
+            valid[step] = ~next_is_autoreset
+            with torch.inference_mode():
+                action, logprob, _, value = agent.get_action_and_value(obs[step])
+            values[step], actions[step], logprobs[step] = value, action, logprob
+
+            next_obs, reward, term, trunc, infos = envs.step(action.cpu().numpy())
+            # Clipped rewards, and a lost life as a terminal state (see learning_signals).
+            rewards[step], terminated[step], episode_ended[step] = learning_signals(
+                reward, term, trunc, infos["lives"], lives, next_is_autoreset, args.clip_rewards, args.episodic_life
+            )  # fmt: skip
+            lives, next_is_autoreset = infos["lives"], term | trunc
+            for i in np.flatnonzero(infos.get("_episode", [])):
+                run.log_episode(float(infos["episode"]["r"][i]), int(infos["episode"]["l"][i]), global_step)
+
+        with torch.inference_mode():
+            # After the last step: V(next obs), which is V(final obs) where a game just ended.
+            values[args.num_steps] = agent.get_value(torch.from_numpy(next_obs).to(device))
+            advantages, returns = compute_gae(
+                torch.from_numpy(rewards).to(device),
+                values,
+                torch.from_numpy(terminated).to(device),
+                torch.from_numpy(episode_ended).to(device),
+                args.gamma,
+                args.gae_lambda,
+            )
+        keep = torch.from_numpy(np.flatnonzero(valid)).to(device)  # the real transitions
+        b_values, b_returns, b_advantages = values[:-1].flatten(), returns.flatten(), advantages.flatten()
+        stats = update(
+            agent, optimizer, args, keep, obs.flatten(0, 1), actions.flatten(), logprobs.flatten(),
+            b_advantages, b_returns, b_values,
+        )  # fmt: skip
+
+        run.stop_if_not_finite(stats["finite"], training_state, global_step)
+        if crossed(args.log_interval, global_step, previous_step):
+            losses = {f"losses/{key}": value for key, value in stats.items() if key != "finite"}
+            losses["losses/explained_variance"] = explained_variance(b_values[keep], b_returns[keep])
+            run.log(losses | {"charts/learning_rate": optimizer.param_groups[0]["lr"]}, global_step)
+        if iteration % 10 == 1:
+            run.writer.add_histogram("losses/advantages", b_advantages[keep], global_step)
+        run.advance(global_step)
+        run.checkpoint(training_state, global_step, previous_step)
+        if run.stop.requested:
+            break
+    envs.close()
+    run.end_training(training_state(), global_step)  # exits 130/143 after a stop signal
+
+    video = Path(f"videos/{run_name}/eval/episode-0.mp4") if args.capture_video else None
+    eval_envs = make_envs(
+        args.env_id, args.eval_episodes, args.repeat_action_probability, args.env_backend, args.env_threads
+    )
+    eval_returns = evaluate(agent, eval_envs, args.seed + EVAL_SEED_OFFSET, device, args.eval_greedy, video)
+    for episode, episode_return in enumerate(eval_returns):
+        run.log({"eval/episodic_return": episode_return}, episode)
+    run.finish(global_step, eval_summary(eval_returns))
+
+
+# ----------------------------------------------------------------------------------------------
+# Plumbing: validation, evaluation of a checkpoint, checkpoint files, logging and stop signals.
+# A first reading can stop here: nothing below changes what the algorithm computes.
+# ----------------------------------------------------------------------------------------------
+
+
+# Copied from ppo_cartpole.py: EVAL_SEED_OFFSET
+EVAL_SEED_OFFSET = 10_000  # evaluation envs get seed + this: episodes that training never saw
+
+
+# Copied from ppo_cartpole.py: crossed
+def crossed(every: int, step: int, previous_step: int) -> bool:
+    """True when a multiple of `every` lies in (previous_step, step]: periodic work (logging,
+    checkpoints) is counted in environment steps, whatever the steps per iteration."""
+    return every > 0 and step // every != previous_step // every
+
+
+# Copied from ppo_cartpole.py: fail
+def fail(message: str) -> NoReturn:
+    """Report bad input as one line on stderr and exit with status 2 (no traceback)."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def validate(args: Args) -> None:
+    """Check every knob before any heavy work, so a typo costs a second, not a run."""
+    for name in ("total_timesteps", "num_envs", "num_steps", "num_minibatches", "update_epochs"):
+        if getattr(args, name) <= 0:
+            fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.eval_episodes <= 0:
+        fail(f"--eval-episodes must be positive, got {args.eval_episodes}")
+    if args.torch_threads <= 0:
+        fail(f"--torch-threads must be positive, got {args.torch_threads}")
+    for name in ("checkpoint_freq", "log_interval", "env_threads"):
+        if getattr(args, name) < 0:
+            fail(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if args.batch_size % args.num_minibatches:
+        fail(
+            f"--num-minibatches {args.num_minibatches} does not divide the batch of "
+            f"{args.batch_size} (= num_envs {args.num_envs} x num_steps {args.num_steps})"
+        )
+    for name in ("gamma", "gae_lambda"):
+        if not 0.0 <= getattr(args, name) <= 1.0:
+            fail(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}")
+    if args.repeat_action_probability is not None and not 0.0 <= args.repeat_action_probability <= 1.0:
+        fail(f"--repeat-action-probability must be in [0, 1], got {args.repeat_action_probability}")
+    for name in ("learning_rate", "clip_coef", "max_grad_norm"):
+        if getattr(args, name) <= 0:
+            fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.target_kl is not None and args.target_kl <= 0:
+        fail(f"--target-kl must be positive (or omitted), got {args.target_kl}")
+    if args.resume and args.eval_checkpoint:
+        fail("give either --resume or --eval-checkpoint, not both")
+    atari_game(args.env_id)
+
+
+# Copied from ppo_cartpole.py: parse_args
+def parse_args(argv: list[str] | None = None) -> Args:
+    """The command line as Args. With --resume or --eval-checkpoint, every flag left out takes the
+    checkpoint's setting, so `--resume PATH` alone continues the run that PATH belongs to."""
+    args = tyro.cli(Args, args=argv)
+    path = args.resume or args.eval_checkpoint
+    if path is None:
+        return args
+    saved_args = load_checkpoint(path)["args"]
+    known = {field.name for field in fields(Args)}
+    defaults = Args(**{name: value for name, value in saved_args.items() if name in known})
+    defaults.resume = defaults.eval_checkpoint = None
+    return tyro.cli(Args, args=argv, default=defaults)
+
+
+# Settings that may differ between a run and its resumption (budget, logging, tracking, speed,
+# evaluation); every other setting must match the checkpoint's, or the resumed run would silently
+# be a different experiment (another --num-envs, say, would not even match the saved iteration).
+RESUME_MAY_CHANGE = {
+    "total_timesteps", "resume", "eval_checkpoint", "eval_episodes", "cuda", "torch_threads",
+    "track", "wandb_project_name", "wandb_entity", "wandb_group", "capture_video", "save_model",
+    "checkpoint_freq", "log_interval", "eval_greedy", "env_threads", "bf16",
+}  # fmt: skip
+# Settings that shape the network or the game it plays: --eval-checkpoint may not change them.
+MODEL_SETTINGS = {"env_id", "repeat_action_probability"}
+
+
+# Copied from ppo_cartpole.py: check_settings
+def check_settings(args: Args, saved_args: dict, may_change: set[str]) -> None:
+    """Refuse, in one line, a flag given against the checkpoint's setting. (parse_args has already
+    made every flag left out equal to it; only the settings in `may_change` may differ.)"""
+    for name, saved in saved_args.items():
+        current = getattr(args, name, saved)
+        if name not in may_change and current != saved:
+            flag = "--" + name.replace("_", "-")
+            fail(
+                f"{flag} is {current!r} but the checkpoint was trained with {saved!r}; "
+                "leave the flag out to keep the checkpoint's setting"
+            )
+
+
+# Copied from ppo_cartpole.py: seed_everything
+def seed_everything(seed: int, torch_deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.backends.cudnn.deterministic = torch_deterministic
+    torch.backends.cudnn.benchmark = not torch_deterministic
+
+
+# Copied from ppo_cartpole.py: pick_device
+def pick_device(want_cuda: bool, torch_threads: int) -> torch.device:
+    """The GPU when asked for and present, else the CPU with a notice; `torch_threads` CPU threads."""
+    torch.set_num_threads(torch_threads)
+    if want_cuda and torch.cuda.is_available():
+        return torch.device("cuda")
+    if want_cuda:
+        print("note: no CUDA device found, training on the CPU", file=sys.stderr)
+    return torch.device("cpu")
+
+
+def build_agent(env_id: str, device: torch.device, bf16: bool) -> Agent:
+    """The network for `env_id`'s actions; bf16 autocast only where the hardware has native bf16."""
+    env = gym.make(env_id)
+    agent = Agent(int(env.action_space.n), bf16=bf16 and native_bf16(device))
+    env.close()
+    return agent.to(device, memory_format=torch.channels_last)
+
+
+def native_bf16(device: torch.device) -> bool:
+    """True where bfloat16 matrix arithmetic runs in hardware: Ampere or newer GPUs; CPUs with
+    AVX512-BF16 or AMX. Elsewhere bf16 is emulated and slower than fp32, so the flag is ignored."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux: no cheap way to ask, stay in fp32
+        return False
+    return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", flags))
+
+
+def restore(agent: Agent, optimizer: torch.optim.Optimizer | None, checkpoint: dict, path: str) -> None:
+    """Load the saved weights (and optimiser state); a mismatch fails with one line."""
+    try:
+        agent.load_state_dict(checkpoint["model"])
+        if optimizer is not None:
+            optimizer.load_state_dict(checkpoint["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as error:
+        fail(f"{path} does not match this network ({str(error).splitlines()[0]})")
+
+
+@torch.inference_mode()
+def evaluate(
+    agent: Agent | None,
+    envs: gym.vector.VectorEnv,
+    seed: int,
+    device: torch.device,
+    greedy: bool = False,
+    video_path: Path | None = None,
+) -> np.ndarray:
+    """Play one full episode in each of the vector's envs; return their true (unclipped) returns.
+
+    The policy is sampled by default, as the Atari literature scores PPO: an argmax policy can
+    freeze in a state it never learnt to leave (Breakout waits for FIRE after a lost life), and
+    the episode then runs to the 30-minute cap. `seed` seeds the sampling as well as the games, so
+    a checkpoint evaluated later plays the very games the end of its training run played.
+    `agent=None` plays uniformly random actions: the baseline a learnt policy must beat.
+    With `video_path`, the first env's game is written there as the network saw it (the newest
+    frame of each observation, 84x84 grayscale, 15 agent steps per second of video): a video of
+    the very preprocessing the policy was trained and evaluated on, not of another pipeline.
+    """
+    torch.manual_seed(seed)
+    returns = np.full(envs.num_envs, np.nan)
+    obs, _ = envs.reset(seed=seed)
+    frames = [obs[0, -1]]
+    while np.isnan(returns).any():
+        if agent is None:
+            action = torch.randint(int(envs.single_action_space.n), (envs.num_envs,))
+        else:
+            obs = torch.from_numpy(obs).to(device)
+            action = agent.greedy_action(obs) if greedy else agent.get_action_and_value(obs)[0]
+        obs, _, _, _, infos = envs.step(action.cpu().numpy())
+        if np.isnan(returns[0]):
+            frames.append(obs[0, -1])
+        if "episode" in infos:
+            first = infos["_episode"] & np.isnan(returns)
+            returns[first] = infos["episode"]["r"][first]
+    envs.close()
+    if video_path is not None:
+        write_video(video_path, frames)
+    return returns
+
+
+def write_video(path: Path, frames: list[np.ndarray], fps: int = 15) -> None:
+    """84x84 grayscale frames as an mp4, each pixel drawn 4x4 so players can see the game."""
+    from moviepy import ImageSequenceClip
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rgb = [np.repeat(frame.repeat(4, 0).repeat(4, 1)[..., None], 3, axis=-1) for frame in frames]
+    ImageSequenceClip(rgb, fps=fps).write_videofile(str(path), logger=None, audio=False)
+
+
+def eval_summary(returns: np.ndarray) -> str:
+    return f"eval return {returns.mean():.2f} ± {returns.std():.2f} over {len(returns)} episodes"
+
+
+def evaluate_checkpoint(args: Args) -> None:
+    """--eval-checkpoint: rebuild the agent from the checkpoint and play --eval-episodes games with
+    the evaluation seed of the end of training, so the figures are those that run printed. Given
+    a folder (runs/<run>/checkpoints), evaluate each checkpoint in it and draw the curve."""
+    # Chosen at the first game, so that bad input is reported before the device notice.
+    device = functools.cache(lambda: pick_device(args.cuda, args.torch_threads))
+
+    def load(path: str) -> dict:
+        checkpoint = load_checkpoint(path)
+        check_settings(args, checkpoint["args"], may_change=set(checkpoint["args"]) - MODEL_SETTINGS)
+        return checkpoint
+
+    def play(checkpoint: dict | None, path: str = "", video_path: Path | None = None) -> np.ndarray:
+        agent = None
+        if checkpoint is not None:
+            agent = build_agent(args.env_id, device(), args.bf16)
+            restore(agent, None, checkpoint, path)
+        envs = make_envs(
+            args.env_id,
+            args.eval_episodes,
+            args.repeat_action_probability,
+            args.env_backend,
+            args.env_threads,
+        )
+        return evaluate(agent, envs, args.seed + EVAL_SEED_OFFSET, device(), args.eval_greedy, video_path)
+
+    if Path(args.eval_checkpoint).is_dir():
+        evaluate_checkpoint_folder(args.eval_checkpoint, load, play)
+        return
+    checkpoint = load(args.eval_checkpoint)
+    video = (
+        Path(f"videos/{checkpoint['run_name']}/eval-checkpoint/episode-0.mp4") if args.capture_video else None
+    )
+    returns = play(checkpoint, args.eval_checkpoint, video)
+    print(f"{eval_summary(returns)} ({args.eval_checkpoint})")
+
+
+def evaluate_checkpoint_folder(
+    folder: str,
+    load: Callable[[str], dict],
+    play: Callable[..., np.ndarray],
+) -> list[tuple[int, np.ndarray]]:
+    """Evaluate every checkpoint in `folder` in step order: print a table (step, mean ± std, min,
+    max), write eval_curve.csv and eval_curve.png (return vs steps, ± std band, the random
+    policy's return as a line) into the folder; return [(step, returns)], the random policy's
+    last with step -1.
+
+    `load(path)` reads one checkpoint (a dict with "global_step" and "env_id") and fails with one
+    line on a file that is not one of this script's or does not match the command line's flags;
+    `play(checkpoint, path)` plays the evaluation
+    episodes of a loaded checkpoint, `play(None)` those of the uniformly random policy, on the same
+    seeds, and both return the episodes' returns. Everything is checked before anything is played.
+    """
+    paths = sorted(str(path) for path in Path(folder).glob("*.pt"))
+    if not paths:
+        fail(f"{folder} holds no checkpoints (*.pt); give a file, or a folder like runs/<run>/checkpoints")
+    steps, env_ids = {}, set()
+    for path in paths:  # load each once to check it; keep only the step, not the weights
+        checkpoint = load(path)
+        steps[path], env_ids = int(checkpoint["global_step"]), env_ids | {checkpoint["env_id"]}
+    if len(env_ids) > 1:
+        fail(f"{folder} mixes checkpoints of {', '.join(sorted(env_ids))}; evaluate one run's folder")
+    paths.sort(key=steps.get)
+
+    results = []
+    with tqdm(
+        total=len(paths) + 1, desc="evaluating checkpoints", unit="checkpoint", dynamic_ncols=True
+    ) as bar:
+        for path in paths:
+            results.append((steps[path], play(load(path), path)))
+            bar.update()
+        results.append((-1, play(None)))
+        bar.update()
+
+    (_, random_returns), checkpoint_results = results[-1], results[:-1]
+    rows = [("random", random_returns)] + [(str(step), returns) for step, returns in checkpoint_results]
+    print(f"{'step':>12s}  {'mean':>8s} ± {'std':<6s} {'min':>8s} {'max':>8s}")
+    for label, returns in rows:
+        print(
+            f"{label:>12s}  {returns.mean():8.2f} ± {returns.std():<6.2f} {returns.min():8.2f} {returns.max():8.2f}"
+        )
+    with open(Path(folder) / "eval_curve.csv", "w") as csv_file:
+        csv_file.write("step,mean,std,min,max,episodes\n")
+        for label, returns in rows:
+            step = -1 if label == "random" else label
+            csv_file.write(
+                f"{step},{returns.mean()},{returns.std()},{returns.min()},{returns.max()},{len(returns)}\n"
+            )
+
+    # Imported here: only this command draws, and a Figure needs no display or pyplot state.
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(7, 4), layout="constrained")
+    axes = figure.subplots()
+    x = np.array([step for step, _ in checkpoint_results])
+    mean = np.array([returns.mean() for _, returns in checkpoint_results])
+    std = np.array([returns.std() for _, returns in checkpoint_results])
+    axes.plot(x, mean, marker="o", label=f"checkpoints (mean of {len(random_returns)} episodes)")
+    axes.fill_between(x, mean - std, mean + std, alpha=0.25, label="± std")
+    axes.axhline(random_returns.mean(), color="grey", linestyle="--", label="random policy")
+    axes.set(xlabel="agent steps", ylabel="evaluation return", title=env_ids.pop())
+    axes.legend(loc="best")
+    figure.savefig(Path(folder) / "eval_curve.png", dpi=100)
+    print(f"wrote {Path(folder) / 'eval_curve.csv'} and {Path(folder) / 'eval_curve.png'}")
+    return results
+
+
+# Copied from ppo_cartpole.py: save_checkpoint
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Write atomically: a crash mid-write leaves the previous checkpoint intact."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + ".tmp")
+    torch.save(state, temporary)
+    os.replace(temporary, path)
+
+
+# Copied from ppo_cartpole.py: load_checkpoint
+def load_checkpoint(path: str) -> dict:
+    """Load a checkpoint of this script's kind; anything else fails with one line."""
+    if not Path(path).is_file():
+        fail(f"checkpoint {path} does not exist")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        fail(f"{path} is not a readable checkpoint ({type(error).__name__}); it may be truncated")
+    if not isinstance(checkpoint, dict) or "kind" not in checkpoint or "args" not in checkpoint:
+        fail(f"{path} is not a checkpoint of this project")
+    if checkpoint["kind"] != CHECKPOINT_KIND:
+        fail(f"{path} holds a {checkpoint['kind']} checkpoint; this script trains {CHECKPOINT_KIND}")
+    return checkpoint
+
+
+# Copied from ppo_cartpole.py: StopFlag
+class StopFlag:
+    """Ctrl-C (SIGINT) or SIGTERM (job schedulers, `timeout`, `docker stop`) asks the training loop
+    to stop at the end of the iteration and save; a second signal aborts at once."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        # SDL (pygame renders CartPole and Flappy Bird) installs its own SIGINT/SIGTERM handlers
+        # when it starts, which would swallow SIGTERM; this hint tells it not to.
+        os.environ.setdefault("SDL_NO_SIGNAL_HANDLERS", "1")
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        name = signal.Signals(signum).name
+        print(
+            f"\n{name}: stopping after this iteration (send it again to abort without saving)",
+            file=sys.stderr,
+        )
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    @property
+    def exit_code(self) -> int:
+        """128 + the signal number, as a shell reports a process ended by it (130, 143)."""
+        return 128 + self.signum
+
+
+# Copied from ppo_cartpole.py: Run
+class Run:
+    """What the training loop does besides the algorithm, behind a few calls: TensorBoard (and
+    W&B) logging, the progress bar, checkpoint files and the stop flag of Ctrl-C and SIGTERM."""
+
+    def __init__(self, args: Args, run_name: str, total_steps: int, global_step: int):
+        self.args = args
+        self.dir = Path("runs") / run_name
+        self.checkpoint_path = self.dir / f"{args.exp_name}.pt"
+        # Before anything renders, so that SDL finds the handlers in place.
+        self.stop = StopFlag()
+        if args.track:
+            import wandb
+
+            wandb.init(
+                project=args.wandb_project_name,
+                entity=args.wandb_entity,
+                group=args.wandb_group or args.exp_name,
+                name=run_name,
+                # The id follows from the run name, so a resumed run continues the same W&B run.
+                id=hashlib.sha256(run_name.encode()).hexdigest()[:16],
+                resume="allow",
+                config=asdict(args),
+                sync_tensorboard=True,
+                save_code=True,
+            )
+        self.writer = SummaryWriter(str(self.dir))
+        self.writer.add_text(
+            "hyperparameters",
+            "|param|value|\n|-|-|\n" + "\n".join(f"|{key}|{value}|" for key, value in asdict(args).items()),
+        )
+        self.start_step, self.start_time = global_step, time.time()
+        self.recent_returns: deque[float] = deque(maxlen=20)
+        self.progress = tqdm(total=total_steps, initial=global_step, unit="step", dynamic_ncols=True)
+
+    def log_episode(self, episodic_return: float, length: int, global_step: int) -> None:
+        """One finished training episode, with its true (unclipped, unscaled) return."""
+        self.writer.add_scalar("charts/episodic_return", episodic_return, global_step)
+        self.writer.add_scalar("charts/episodic_length", length, global_step)
+        self.recent_returns.append(episodic_return)
+
+    def log(self, scalars: dict[str, float], global_step: int) -> None:
+        for key, value in scalars.items():
+            self.writer.add_scalar(key, value, global_step)
+
+    def advance(self, global_step: int) -> int:
+        """Move the progress bar to `global_step` and log charts/SPS; return the steps per second."""
+        sps = int((global_step - self.start_step) / max(time.time() - self.start_time, 1e-6))
+        self.writer.add_scalar("charts/SPS", sps, global_step)
+        self.progress.update(global_step - self.progress.n)
+        if self.recent_returns:
+            self.progress.set_postfix(sps=sps, ret=f"{np.mean(self.recent_returns):.1f}", refresh=False)
+        return sps
+
+    def checkpoint(self, state: Callable[[], dict], global_step: int, previous_step: int) -> None:
+        """Every --checkpoint-freq steps: refresh the checkpoint and keep a copy named by its step."""
+        if self.args.save_model and crossed(self.args.checkpoint_freq, global_step, previous_step):
+            saved = state()
+            save_checkpoint(self.checkpoint_path, saved)
+            kept = (
+                self.dir
+                / "checkpoints"
+                / f"{self.checkpoint_path.stem}_{global_step:012d}{self.checkpoint_path.suffix}"
+            )
+            save_checkpoint(kept, saved)
+
+    def stop_if_not_finite(self, finite: bool, state: Callable[[], dict], global_step: int) -> None:
+        """A NaN or infinite loss or weight ends the run: save the state for inspection, exit 1."""
+        if finite:
+            return
+        path = self.dir / f"{self.checkpoint_path.stem}_nan{self.checkpoint_path.suffix}"
+        save_checkpoint(path, state())
+        self.progress.close()
+        print(f"error: loss became non-finite at step {global_step}; state saved to {path}", file=sys.stderr)
+        sys.exit(1)
+
+    def end_training(self, state: dict, global_step: int) -> None:
+        """Save the final checkpoint; if a stop signal ended training, say where it is and exit."""
+        self.progress.close()
+        if self.args.save_model:
+            save_checkpoint(self.checkpoint_path, state)
+        if self.stop.requested:
+            self.writer.close()
+            where = (
+                f": checkpoint saved to {self.checkpoint_path} (continue with --resume {self.checkpoint_path})"
+                if self.args.save_model
+                else ""
+            )
+            print(f"interrupted at step {global_step}{where}", file=sys.stderr)
+            sys.exit(self.stop.exit_code)
+
+    def finish(self, global_step: int, result: str) -> None:
+        """Close the loggers and print the one summary line: steps, time, evaluation, checkpoint."""
+        self.writer.close()
+        if self.args.track:
+            import wandb
+
+            wandb.finish()
+        elapsed = time.time() - self.start_time
+        saved = f"; checkpoint {self.checkpoint_path}" if self.args.save_model else ""
+        print(
+            f"done: {global_step} steps in {elapsed:.1f}s ({(global_step - self.start_step) / elapsed:.0f} steps/s); "
+            f"{result}{saved}"
+        )
+
+
+def parse_command_line(argv: list[str] | None = None) -> Args:
+    """`parse_args`, where --eval-checkpoint may also name a folder of checkpoints: the flags left
+    out then take the settings of the folder's first checkpoint."""
+    args = tyro.cli(Args, args=argv)
+    folder = args.eval_checkpoint
+    if folder is None or not Path(folder).is_dir():
+        return parse_args(argv)
+    first = next(iter(sorted(Path(folder).glob("*.pt"))), None)
+    if first is None:  # evaluate_checkpoint_folder says what is wrong
+        return args
+    saved_args = load_checkpoint(str(first))["args"]
+    known = {field.name for field in fields(Args)}
+    defaults = Args(**{name: value for name, value in saved_args.items() if name in known})
+    defaults.resume, defaults.eval_checkpoint = None, None
+    return tyro.cli(Args, args=argv, default=defaults)
+
+
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    main(parse_command_line())
