@@ -917,11 +917,35 @@ def evaluate_checkpoint_folder(
     axes.plot(x, mean, marker="o", label=f"checkpoints (mean of {len(random_returns)} episodes)")
     axes.fill_between(x, mean - std, mean + std, alpha=0.25, label="± std")
     axes.axhline(random_returns.mean(), color="grey", linestyle="--", label="random policy")
+    # The folder of kept checkpoints sits in its run's folder, beside the training's own log.
+    steps, returns = training_returns(Path(folder).parent)
+    if len(returns):
+        window = min(20, len(returns))
+        smoothed = np.convolve(returns, np.ones(window) / window, mode="valid")
+        axes.plot(
+            steps[window - 1 :],
+            smoothed,
+            linewidth=1,
+            alpha=0.7,
+            label=f"training (mean of {window} episodes)",
+        )
     axes.set(xlabel="agent steps", ylabel="evaluation return", title=env_ids.pop())
     axes.legend(loc="best")
     figure.savefig(Path(folder) / "eval_curve.png", dpi=100)
     print(f"wrote {Path(folder) / 'eval_curve.csv'} and {Path(folder) / 'eval_curve.png'}")
     return results
+
+
+def training_returns(run_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(agent steps, returns) of the training episodes logged under `run_dir`; empty if none."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    events.Reload()
+    if "charts/episodic_return" not in events.Tags()["scalars"]:
+        return np.zeros(0, dtype=np.int64), np.zeros(0)
+    scalars = events.Scalars("charts/episodic_return")
+    return np.array([scalar.step for scalar in scalars]), np.array([scalar.value for scalar in scalars])
 
 
 # Copied from ppo_cartpole.py: save_checkpoint

@@ -719,3 +719,18 @@ def test_default_args_learn_road_runner_well_beyond_the_random_policy(run_script
     seed = 1 + ppo_atari.EVAL_SEED_OFFSET  # the evaluation seed rule of the script, seed 1
     random_policy = ppo_atari.evaluate(None, envs, seed, torch.device("cpu"))
     assert trained.mean() >= random_policy.mean() + 200, (trained, random_policy)
+
+
+def test_training_returns_reads_the_episodes_a_run_logged(tmp_path):
+    """The checkpoint curve draws the training episodes from the run's own TensorBoard log."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(tmp_path))
+    for step, value in ((1024, -21.0), (2048, -20.0), (3072, -19.0)):
+        writer.add_scalar("charts/episodic_return", value, step)
+        writer.add_scalar("charts/SPS", 400, step)
+    writer.close()
+    steps, returns = ppo_atari.training_returns(tmp_path)
+    assert steps.tolist() == [1024, 2048, 3072] and returns.tolist() == [-21.0, -20.0, -19.0]
+    (tmp_path / "empty").mkdir()
+    assert len(ppo_atari.training_returns(tmp_path / "empty")[1]) == 0
