@@ -16,19 +16,22 @@ Run:
     python ppo_atari.py --eval-checkpoint runs/<run>/checkpoints   # curve over the kept checkpoints
     tensorboard --logdir runs
 
-Expect: [TO UPDATE with the 1M-step run of this version: its wall time and steps/s, and the first
-checkpoint that beats the random policy (about -20.3) in every evaluation episode after it.] A check
-run of the previous version (fp32, seed 1, --torch-threads 2, quiet 2-core CPU, starting at ~290 agent steps/s)
-played Pong at random level for 400k agent steps, then climbed: training-episode mean -18.6 over
-400-500k steps, -15.1 over 500-600k, -13.7 over 700-800k: at that rate 1M agent steps take about
-an hour on 2 cores and the default 10M (40M frames) about 10 hours, not days. bf16 (on by default
-where the CPU has it) made the network's minibatch step 1.5-1.6x faster with one thread and
-1.1-1.35x with two on the project's AVX512-BF16 CPU (benchmarks/bench_ppo_atari_bf16.py). The
-published result of these hyper-parameters is about +20 after 10M frames (2.5M agent steps). On
-RoadRunnerNoFrameskip-v4 the defaults score 630 +- 548 after 20,480 agent steps (~3 minutes),
-where the random policy scores 0 on the same evaluation games (the learning test). The final
-evaluation plays --eval-episodes (10) full games, sampling the policy; --eval-greedy takes the
-most probable action. --capture-video records the first evaluation game as the network sees it.
+Expect (measured: `python ppo_atari.py --env-id ALE/Pong-v5 --total-timesteps 1000000
+--checkpoint-freq 100000`, defaults otherwise, seed 1, quiet 2-core AMD EPYC CPU with AVX512-BF16):
+999,424 agent steps in 34 min of training (489 agent steps/s; 2,064 s with the final evaluation).
+Pong stays at random play (training-episode mean -20.3) for 300k agent steps, then climbs: -19.4
+over 300-400k, -17.3 over 400-500k, -16.1 over 500-600k, -13.6 over 700-800k, -12.3 over 900k-1M.
+The kept checkpoints evaluate (10 games each, `--eval-checkpoint runs/<run>/checkpoints`) from
+-20.6 at 100k to -13.2 at 900k and -13.9 +- 2.3 at the end, against -20.1 for the random policy;
+from 800k on every evaluation game beats -20. At that rate the default 10M agent steps (40M
+frames) take about 6 hours on 2 cores, not days; CleanRL reports about +20 with these
+hyper-parameters at that budget. bf16 (on by default where the CPU has it) makes the network's
+minibatch step 1.5-1.6x faster with one thread and 1.1-1.35x with two on this CPU
+(benchmarks/bench_ppo_atari_bf16.py). On RoadRunnerNoFrameskip-v4 the defaults score 630 +- 548
+after 20,480 agent steps (~3 minutes), where the random policy scores 0 on the same evaluation
+games (the learning test). The final evaluation plays --eval-episodes (10) full games, sampling
+the policy; --eval-greedy takes the most probable action. --capture-video records the first
+evaluation game as the network sees it.
 """
 
 from __future__ import annotations
