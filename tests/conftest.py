@@ -223,8 +223,8 @@ def tensors_as_if_on_a_gpu(monkeypatch):
 
     Every other tensor counts as a device tensor, including one built on the CPU without a device
     (`torch.from_numpy`) and a result computed from a host copy (convert at the end instead).
-    Calls from inside torch itself (`Module.to`, `Optimizer.load_state_dict`) record nothing, so
-    a model moved "to the device" stays a device tensor. Not caught, because a GPU allows them:
+    Calls from torch's model and optimizer code (`Module.to`, `Optimizer.load_state_dict`) record
+    nothing, so a model moved "to the device" stays a device tensor. Not caught, because a GPU allows them:
     scalar reads (`.item()`, `float(t)`, `.tolist()`). Not caught either: an op that mixes a CPU
     tensor with a device tensor (a RuntimeError on a GPU).
 
@@ -245,8 +245,11 @@ def tensors_as_if_on_a_gpu(monkeypatch):
         return copy
 
     def called_from_torch() -> bool:
-        # Frame 0: this function; 1: the patched method; 2: its caller.
-        return sys._getframe(2).f_globals.get("__name__", "").split(".")[0] == "torch"
+        # Frame 0: this function; 1: the patched method; 2: its caller. Only the model and optimizer
+        # machinery moves tensors "to the device"; torch's other helpers (the TensorBoard writer's
+        # `.cpu().numpy()`) copy to the host as they would from a GPU.
+        caller = sys._getframe(2).f_globals.get("__name__", "")
+        return caller.startswith(("torch.nn", "torch.optim"))
 
     def cpu(self, *args, **kwargs):
         result = original_cpu(self, *args, **kwargs)

@@ -734,3 +734,12 @@ def test_training_returns_reads_the_episodes_a_run_logged(tmp_path):
     assert steps.tolist() == [1024, 2048, 3072] and returns.tolist() == [-21.0, -20.0, -19.0]
     (tmp_path / "empty").mkdir()
     assert len(ppo_atari.training_returns(tmp_path / "empty")[1]) == 0
+
+
+def test_training_and_a_recorded_evaluation_copy_device_tensors_to_the_host(tensors_as_if_on_a_gpu, in_tmp):
+    """On a GPU every tensor that reaches NumPy must go through .cpu(); the guard makes the CPU
+    refuse the same conversions, so a forgotten copy fails here rather than on a GPU machine."""
+    run_main("--env-id", "ALE/Breakout-v5", *TINY, "--checkpoint-freq", "0", "--torch-threads", "1")
+    (checkpoint,) = in_tmp.glob("runs/*/ppo_atari.pt")
+    run_main("--eval-checkpoint", str(checkpoint), "--capture-video")
+    assert list(in_tmp.glob("videos/**/*.mp4"))
