@@ -562,13 +562,15 @@ class Worker:
         return sum(scores) / len(scores)
 
     def skip_if_taken(self, trial: optuna.Trial) -> None:
-        """Two workers can ask at the same moment for the last open point, and GridSampler then
-        gives both the same one; the younger trial steps aside (PRUNED, which nothing reports)."""
+        """Two workers can ask at the same moment for the last open point (GridSampler then gives
+        both the same one), or one can be given a point whose retry is queued: the oldest claim on
+        the point runs and every younger trial steps aside (PRUNED, which nothing reports). The
+        rule has to be by age alone, or two trials could each defer to the other."""
         for other in self.study.get_trials(deepcopy=False):
             if other.number == trial.number or other.params != trial.params:
                 continue
-            if other.state in (TrialState.COMPLETE, TrialState.WAITING) or (
-                other.state == TrialState.RUNNING and other.number < trial.number
+            if other.state == TrialState.COMPLETE or (
+                other.state in (TrialState.RUNNING, TrialState.WAITING) and other.number < trial.number
             ):
                 trial.set_user_attr("note", f"duplicate of trial {other.number}")
                 raise optuna.TrialPruned(f"point taken by trial {other.number}")
