@@ -28,6 +28,7 @@ import random
 import signal
 import sys
 import time
+import warnings
 from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
@@ -80,14 +81,25 @@ class Args:
     eval_checkpoint: str | None = None
     """path of a checkpoint to evaluate for --eval-episodes episodes, then exit"""
     eval_episodes: int = 10
-    """episodes of the final greedy evaluation (and of --eval-checkpoint)"""
+    """episodes of the final greedy evaluation (and of --eval-checkpoint and of each solved check)"""
+    stop_when_solved: bool = True
+    """end training once the greedy policy solves the env: every --solved-check-freq steps it plays
+    --eval-episodes fresh episodes, and if every one reaches --solved-return the run stops, as with
+    SB3's StopTrainingOnRewardThreshold (--no-stop-when-solved trains the full budget)"""
+    solved_check_freq: int = 1024
+    """environment steps between two checks of --stop-when-solved (a check of an unsolved policy
+    costs only its shortest episode, a solved one ~0.1 s)"""
+    solved_return: float | None = None
+    """the return every check episode must reach to count as solved (default: the env's registered
+    reward threshold, 475 for CartPole-v1; an env without one trains the full budget)"""
 
     env_id: str = "CartPole-v1"
     """a gymnasium environment with a 1-D Box observation and a Discrete action space"""
     total_timesteps: int = 100_000
     """environment steps to train for (summed over the vectorised envs)"""
-    learning_rate: float = 2.5e-3
-    """Adam learning rate (annealed linearly to 0 with --anneal-lr)"""
+    learning_rate: float = 5e-3
+    """Adam learning rate (annealed linearly to 0 with --anneal-lr); 5e-3 solved CartPole in a
+    median 11k steps over six seeds, 2.5e-3 in 29k and 1e-2 in 13k (but up to 49k)"""
     num_envs: int = 8
     """number of environments stepped in parallel"""
     num_steps: int = 32
@@ -384,6 +396,7 @@ def main(args: Args) -> None:
     next_obs = torch.as_tensor(next_obs, dtype=torch.float32, device=device)
     # True where the last step of the previous rollout ended an episode.
     previous_rollout_ended = np.zeros(args.num_envs, dtype=bool)
+    solved_return, solved_at = solved_threshold(args), None
 
     iteration = start_iteration - 1  # the last iteration done: training_state saves it
     for iteration in range(start_iteration, args.num_iterations + 1):
@@ -445,6 +458,19 @@ def main(args: Args) -> None:
         run.checkpoint(training_state, global_step, previous_step)
         if run.stop.requested:
             break
+
+        # Stop once solved, as judged by the greedy policy on fresh episodes (never those of the
+        # final evaluation): the training return lags behind it, since sampled actions keep
+        # exploring. Every episode must reach the threshold, not only their mean, so that the
+        # final evaluation on other episodes passes too.
+        if solved_return is not None and crossed(args.solved_check_freq, global_step, previous_step):
+            check_seed = args.seed + SOLVED_CHECK_SEED_OFFSET + global_step
+            check_returns = evaluate(
+                agent, args.env_id, args.eval_episodes, check_seed, device, give_up_below=solved_return
+            )
+            if check_returns.min() >= solved_return:
+                solved_at = global_step
+                break
     envs.close()
     run.end_training(training_state(), global_step)  # after Ctrl-C or SIGTERM: exits 130 or 143
 
@@ -455,7 +481,8 @@ def main(args: Args) -> None:
     for episode, episode_return in enumerate(eval_returns):
         run.log({"eval/episodic_return": episode_return}, episode)
     mean, std = eval_returns.mean(), eval_returns.std()
-    run.finish(global_step, f"eval return {mean:.2f} ± {std:.2f} over {len(eval_returns)} episodes")
+    solved = f"solved at step {solved_at}; " if solved_at is not None else ""
+    run.finish(global_step, f"{solved}eval return {mean:.2f} ± {std:.2f} over {len(eval_returns)} episodes")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -464,6 +491,8 @@ def main(args: Args) -> None:
 # ----------------------------------------------------------------------------------------------
 
 EVAL_SEED_OFFSET = 10_000  # evaluation envs get seed + this: episodes that training never saw
+# The checks of --stop-when-solved play seed + this + the step: never the final evaluation's episodes.
+SOLVED_CHECK_SEED_OFFSET = 20_000
 
 
 def crossed(every: int, step: int, previous_step: int) -> bool:
@@ -487,6 +516,7 @@ def validate(args: Args) -> None:
         "num_minibatches",
         "update_epochs",
         "torch_threads",
+        "solved_check_freq",
     ):
         if getattr(args, name) <= 0:
             fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
@@ -547,7 +577,7 @@ def parse_args(argv: list[str] | None = None) -> Args:
 RESUME_MAY_CHANGE = {
     "total_timesteps", "resume", "eval_checkpoint", "eval_episodes", "cuda", "torch_threads", "track",
     "wandb_project_name", "wandb_entity", "wandb_group", "capture_video", "save_model",
-    "checkpoint_freq", "log_interval",
+    "checkpoint_freq", "log_interval", "stop_when_solved", "solved_check_freq", "solved_return",
 }  # fmt: skip
 # Settings that shape the environment or the network: --eval-checkpoint may not change them.
 MODEL_SETTINGS = {"env_id", "hidden_size"}
@@ -611,24 +641,51 @@ def evaluate(
     seed: int,
     device: torch.device,
     video_folder: str | None = None,
+    give_up_below: float | None = None,
 ) -> np.ndarray:
-    """Run the greedy policy for `episodes` full episodes; return their undiscounted returns."""
-    env = gym.make(env_id, render_mode="rgb_array" if video_folder else None)
-    if video_folder:
-        env = gym.wrappers.RecordVideo(env, video_folder, episode_trigger=lambda _: True, disable_logger=True)
-    returns = []
-    for episode in range(episodes):
-        # Seed the first reset only: later episodes continue the env's random stream.
-        obs, _ = env.reset(seed=seed if episode == 0 else None)
-        episode_return, done = 0.0, False
-        while not done:
-            action = agent.greedy_action(torch.as_tensor(obs, dtype=torch.float32, device=device))
-            obs, reward, terminated, truncated, _ = env.step(action.item())
-            episode_return += float(reward)
-            done = terminated or truncated
-        returns.append(episode_return)
-    env.close()
-    return np.array(returns)
+    """Play one full episode of the greedy policy in each of `episodes` envs at once (env i seeded
+    seed + i); return their undiscounted returns. With `give_up_below`, stop as soon as an episode
+    ends with less (the returns so far come back): a check of an unsolved policy then costs only
+    its shortest episode."""
+
+    def make_env(index: int) -> Callable[[], gym.Env]:
+        def thunk() -> gym.Env:
+            env = gym.make(env_id, render_mode="rgb_array" if video_folder else None)
+            if video_folder is None:
+                return env
+            # Each env records its first episode (env-<i>-episode-0.mp4): one video per evaluation
+            # episode. The recorders after the first find the folder the first one made; the
+            # warning about overwriting it would be about their siblings, so it is theirs to skip.
+            with warnings.catch_warnings():
+                if index > 0:
+                    warnings.filterwarnings("ignore", message=".*Overwriting existing videos")
+                return gym.wrappers.RecordVideo(
+                    env, video_folder, name_prefix=f"env-{index}", disable_logger=True,
+                    episode_trigger=lambda episode: episode == 0,
+                )  # fmt: skip
+
+        return thunk
+
+    envs = gym.vector.SyncVectorEnv([make_env(index) for index in range(episodes)])
+    obs, _ = envs.reset(seed=seed)
+    returns, playing = np.zeros(episodes), np.ones(episodes, dtype=bool)
+    while playing.any():
+        actions = agent.greedy_action(torch.as_tensor(obs, dtype=torch.float32, device=device))
+        obs, rewards, terminated, truncated, _ = envs.step(actions.cpu().numpy())
+        returns += rewards * playing  # an env whose episode has ended plays on, uncounted
+        ended = playing & (terminated | truncated)
+        playing &= ~ended
+        if give_up_below is not None and (returns[ended] < give_up_below).any():
+            break
+    envs.close()
+    return returns
+
+
+def solved_threshold(args: Args) -> float | None:
+    """The mean greedy return at which --stop-when-solved ends training (None: never)."""
+    if not args.stop_when_solved:
+        return None
+    return args.solved_return if args.solved_return is not None else gym.spec(args.env_id).reward_threshold
 
 
 def evaluate_checkpoint(args: Args) -> None:

@@ -310,6 +310,9 @@ def script_command(
     args: argparse.Namespace, point: dict[str, float], seed: int, exp_name: str, steps: int | None = None
 ) -> list[str]:
     knobs = [part for knob, value in point.items() for part in (flag(knob), repr(value))]
+    # Every point trains its whole budget, so that all are scored at the same step: a script that
+    # would stop once its greedy policy is solved (ppo_cartpole.py) is told not to.
+    whole_budget = ["--no-stop-when-solved"] if "stop_when_solved" in args.script.read_text() else []
     return [
         str(args.script),
         *knobs,
@@ -319,6 +322,7 @@ def script_command(
         str(seed),
         "--exp-name",
         exp_name,
+        *whole_budget,
         *args.extra,
     ]
 

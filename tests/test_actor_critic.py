@@ -363,16 +363,32 @@ def test_eval_checkpoint_prints_the_figures_of_the_final_evaluation(in_tmp_path,
     actor_critic.main(actor_critic.parse_args(["--resume", checkpoint, "--no-save-model"]))
     final = EVAL_SENTENCE.findall(capsys.readouterr().out)
     actor_critic.main(actor_critic.parse_args(["--eval-checkpoint", checkpoint]))
-    assert (
-        EVAL_SENTENCE.findall(capsys.readouterr().out)
-        == final
-        == ["eval return 51.33 ± 8.73 over 3 episodes"]
-    )
-    # The test can tell: with the training seed itself the figures differ.
+    assert EVAL_SENTENCE.findall(capsys.readouterr().out) == final
+    # Both play the evaluation seed (seed + EVAL_SEED_OFFSET), and the test can tell: with the
+    # training seed itself the figures differ.
     agent = actor_critic.build_agent("CartPole-v1", 64, torch.device("cpu"))
     agent.load_state_dict(leaning_policy())
-    returns = actor_critic.evaluate(agent, "CartPole-v1", 3, 3, torch.device("cpu"))
-    assert actor_critic.describe_eval(returns) != final[0]
+    cpu = torch.device("cpu")
+    evaluation_seed = 3 + actor_critic.EVAL_SEED_OFFSET
+    assert final == [
+        actor_critic.describe_eval(actor_critic.evaluate(agent, "CartPole-v1", 3, evaluation_seed, cpu))
+    ]
+    assert actor_critic.describe_eval(actor_critic.evaluate(agent, "CartPole-v1", 3, 3, cpu)) != final[0]
+
+
+def test_training_stops_at_the_first_check_the_greedy_policy_passes(in_tmp_path, capsys):
+    """A threshold every greedy episode reaches (CartPole episodes last at least ~8 steps) stops
+    the run at its first check; --no-stop-when-solved trains the full budget."""
+    budget = ("--total-timesteps", "2048", "--eval-episodes", "2", "--solved-check-freq", "256")
+    actor_critic.main(actor_critic.parse_args([*budget, "--solved-return", "5"]))
+    summary = capsys.readouterr().out.strip().splitlines()[-1]
+    assert summary.startswith("done: 256 steps") and "solved at step 256;" in summary, summary
+    (checkpoint,) = in_tmp_path.glob("runs/*/actor_critic.pt")
+    assert torch.load(checkpoint, weights_only=True)["global_step"] == 256
+    for stop in (["--solved-return", "1000"], ["--solved-return", "5", "--no-stop-when-solved"]):
+        actor_critic.main(actor_critic.parse_args([*budget, *stop, "--no-save-model"]))
+        summary = capsys.readouterr().out.strip().splitlines()[-1]
+        assert summary.startswith("done: 2048 steps") and "solved" not in summary, summary
 
 
 def test_the_docstring_promises_what_the_defaults_do():
@@ -409,11 +425,13 @@ def test_same_seed_gives_identical_logged_numbers(tmp_path):
 
 
 def test_sigterm_saves_and_resume_alone_continues_the_run_exactly(run_script, tmp_path, monkeypatch, capsys):
-    total = 20480  # 640 iterations of 4 envs x 8 steps; the stop comes after the first 640
+    # 640 iterations of 4 envs x 8 steps, the full budget (it may be solved before); the stop comes
+    # after the first 640.
+    total = 20480
     interrupted = run_script(
         SCRIPT,
         "--seed", "9", "--num-envs", "4", "--total-timesteps", str(total), "--checkpoint-freq", "640",
-        "--eval-episodes", "1", "--track", "--wandb-group", "g",
+        "--eval-episodes", "1", "--track", "--wandb-group", "g", "--no-stop-when-solved",
         interrupt_when=lambda workdir: any(workdir.glob("runs/*/actor_critic.pt")),
         interrupt_signals=(signal.SIGTERM,),
     )  # fmt: skip
@@ -546,6 +564,7 @@ def write_checkpoint(path, **overrides) -> str:
         (("--num-steps", "0"), "--num-steps must be positive, got 0"),
         (("--eval-episodes", "0"), "--eval-episodes must be positive, got 0"),
         (("--torch-threads", "0"), "--torch-threads must be positive, got 0"),
+        (("--solved-check-freq", "0"), "--solved-check-freq must be positive, got 0"),
         (("--gamma", "1.5"), "--gamma must be in [0, 1], got 1.5"),
         (("--gae-lambda", "-0.1"), "--gae-lambda must be in [0, 1], got -0.1"),
         (("--learning-rate", "0"), "--learning-rate must be positive, got 0.0"),
@@ -611,9 +630,12 @@ def test_bad_checkpoints_exit_2_with_one_line(capsys, in_tmp_path, flag):
 
 @pytest.mark.slow
 def test_default_args_solve_cartpole(run_script):
-    """Default args, seed 1, the default budget: the greedy policy must average >= 475 of 500."""
+    """Default args, seed 1: the greedy policy must average >= 475 of 500, and stop early to do so."""
     result = run_script(SCRIPT, "--eval-episodes", "20", "--no-save-model")
     assert result.returncode == 0, result.describe()
     eval_returns = result.values("eval/episodic_return")
     assert len(eval_returns) == 20
     assert np.mean(eval_returns) >= 475, eval_returns
+    # It stopped once the greedy policy was solved, before the budget.
+    solved_at = int(re.search(r"solved at step (\d+);", result.stdout).group(1))
+    assert solved_at < actor_critic.Args().total_timesteps

@@ -7,6 +7,7 @@ import shutil
 import signal
 import sys
 
+import gymnasium as gym
 import numpy as np
 import pytest
 import torch
@@ -234,6 +235,68 @@ def run_in_process(capsys, *argv: str) -> tuple[int, list[str]]:
     return exit_info.value.code, capsys.readouterr().err.strip().splitlines()
 
 
+# --- Greedy evaluation and the stop once solved -----------------------------------------------
+
+
+def slow_greedy_returns(agent, env_id: str, episodes: int, seed: int) -> list[float]:
+    """One env at a time: episode i is a fresh env reset with seed + i, played greedily to its end."""
+    returns = []
+    for episode in range(episodes):
+        env = gym.make(env_id)
+        obs, _ = env.reset(seed=seed + episode)
+        total, done = 0.0, False
+        while not done:
+            with torch.no_grad():
+                action = agent.actor(torch.as_tensor(obs, dtype=torch.float32)).argmax().item()
+            obs, reward, terminated, truncated, _ = env.step(action)
+            total, done = total + float(reward), terminated or truncated
+        returns.append(total)
+        env.close()
+    return returns
+
+
+@pytest.fixture
+def uneven_agent():
+    """A small untrained network whose greedy episodes differ in length (105-151 steps)."""
+    torch.manual_seed(0)
+    return ppo_cartpole.Agent(4, 2, hidden_size=8)
+
+
+def test_evaluate_plays_one_seeded_episode_per_env_like_envs_played_one_by_one(uneven_agent):
+    returns = ppo_cartpole.evaluate(uneven_agent, "CartPole-v1", 5, 3, torch.device("cpu"))
+    expected = slow_greedy_returns(uneven_agent, "CartPole-v1", 5, 3)
+    assert len(set(expected)) > 1, "the reference episodes should differ to test anything"
+    assert returns.tolist() == expected
+
+
+def test_evaluate_gives_up_at_the_first_episode_that_ends_short(uneven_agent):
+    full = slow_greedy_returns(uneven_agent, "CartPole-v1", 5, 3)
+    threshold = sorted(full)[1]  # more than the shortest episode, less than the others
+    returns = ppo_cartpole.evaluate(
+        uneven_agent, "CartPole-v1", 5, 3, torch.device("cpu"), give_up_below=threshold
+    )
+    shortest = int(np.argmin(full))
+    assert returns[shortest] == full[shortest] < threshold
+    # The others stopped when the shortest ended: each has exactly that many steps (+1 per step).
+    assert all(returns[i] == full[shortest] for i in range(5) if i != shortest)
+
+
+def test_training_stops_at_the_first_check_the_greedy_policy_passes(in_tmp, capsys):
+    """A threshold every greedy episode reaches (CartPole episodes last at least ~8 steps) stops
+    the run at its first check; --no-stop-when-solved trains the full budget."""
+    budget = ("--total-timesteps", "4096", *SHAPE, "--eval-episodes", "2", "--solved-check-freq", "512")
+    main_in_process(*budget, "--solved-return", "5")
+    summary = capsys.readouterr().out.strip().splitlines()[-1]
+    assert summary.startswith("done: 512 steps") and "solved at step 512;" in summary, summary
+    (checkpoint,) = in_tmp.glob("runs/*/ppo_cartpole.pt")
+    assert torch.load(checkpoint, weights_only=True)["global_step"] == 512
+    # An unreachable threshold, and the flag that turns the stop off, both train the full budget.
+    for stop in (("--solved-return", "1000"), ("--solved-return", "5", "--no-stop-when-solved")):
+        main_in_process(*budget, *stop, "--no-save-model")
+        summary = capsys.readouterr().out.strip().splitlines()[-1]
+        assert summary.startswith("done: 4096 steps") and "solved" not in summary, summary
+
+
 def test_smoke_run_logs_every_key_saves_a_checkpoint_and_tracks_with_wandb(run_script):
     result = run_script(SCRIPT, *TINY, "--track")
     assert result.returncode == 0, result.describe()
@@ -453,6 +516,7 @@ def test_non_finite_loss_stops_with_a_saved_state(in_tmp, capsys):
         (("--gae-lambda", "-0.1"), "[0, 1]"),
         (("--learning-rate", "0"), "must be positive"),
         (("--eval-episodes", "0"), "must be positive"),
+        (("--solved-check-freq", "0"), "must be positive"),
         (("--resume", "missing.pt"), "does not exist"),
         (("--eval-checkpoint", "missing.pt"), "does not exist"),
     ],
@@ -506,12 +570,15 @@ def test_bad_checkpoints_exit_2_with_one_line(in_tmp, capsys, flag):
 
 @pytest.mark.slow
 def test_default_args_solve_cartpole(run_script):
-    """Default args, seed 1, the default budget: the greedy policy must average >= 475 of 500."""
+    """Default args, seed 1: the greedy policy must average >= 475 of 500, and stop early to do so."""
     result = run_script(SCRIPT, "--eval-episodes", "20", "--no-save-model")
     assert result.returncode == 0, result.describe()
     eval_returns = result.values("eval/episodic_return")
     assert len(eval_returns) == 20
     assert np.mean(eval_returns) >= 475, eval_returns
+    # It stopped once the greedy policy was solved, well before the budget.
+    solved_at = int(re.search(r"solved at step (\d+);", result.stdout).group(1))
+    assert solved_at < ppo_cartpole.Args().total_timesteps // 2
 
 
 def test_training_resume_and_evaluation_copy_device_tensors_to_the_host(tensors_as_if_on_a_gpu, in_tmp):

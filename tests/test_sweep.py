@@ -8,6 +8,7 @@ tiny (512 steps per point): these tests check the sweep's bookkeeping, not PPO.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import importlib.util
 import itertools
@@ -312,6 +313,7 @@ def test_wandb_sweep_yaml_matches_the_grid_and_the_script_flags():
     grid = {name.replace("-", "_"): spec["values"] for name, spec in parameters.items() if "values" in spec}
     assert grid == load_sweep_module().DEFAULT_GRID
     assert parameters["total-timesteps"]["value"] == 100_000
+    assert "--no-stop-when-solved" in config["command"]  # all runs scored at the same step
 
     # What `wandb agent` runs, point by point: `--name=value` for each parameter (W&B's ${args}),
     # after the command's own flags. The script's own parser must accept every one of them.
@@ -355,3 +357,13 @@ def test_knob_importance_ranks_the_knob_that_moves_the_score():
     assert [item["knob"] for item in importance] == ["--learning-rate", "--clip-coef"]
     assert importance[0]["spread"] == pytest.approx(100) and importance[1]["spread"] == pytest.approx(1)
     assert importance[0]["share"] + importance[1]["share"] == pytest.approx(1)  # additive: no interaction
+
+
+def test_every_point_trains_its_whole_budget():
+    """A script that stops once solved is told not to: every point is scored at the same step."""
+    sweep = load_sweep_module()
+    point = {"learning_rate": 1e-3, "clip_coef": 0.2, "gae_lambda": 0.95}
+    args = argparse.Namespace(script=ROOT / "ppo_cartpole.py", total_timesteps=100, extra=[])
+    assert "--no-stop-when-solved" in sweep.script_command(args, point, 1, "sweep")
+    args.script = ROOT / "ppo_drone.py"  # trains its budget anyway, and has no such flag
+    assert "--no-stop-when-solved" not in sweep.script_command(args, point, 1, "sweep")
