@@ -93,8 +93,9 @@ class Args:
     """end training once the greedy policy solves the env: every --solved-check-freq steps it plays
     --eval-episodes fresh episodes, and if every one reaches --solved-return the run stops, as with
     SB3's StopTrainingOnRewardThreshold (--no-stop-when-solved trains the full budget)"""
-    solved_check_freq: int = 2048
-    """environment steps between two checks of --stop-when-solved"""
+    solved_check_freq: int = 1024
+    """environment steps between two checks of --stop-when-solved (a check of an unsolved policy
+    costs only its shortest episode, a solved one ~0.1 s)"""
     solved_return: float | None = None
     """the return every check episode must reach to count as solved (default: the env's registered
     reward threshold, 475 for CartPole-v1; an env without one trains the full budget)"""
