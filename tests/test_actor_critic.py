@@ -392,8 +392,12 @@ def test_training_stops_at_the_first_check_the_greedy_policy_passes(in_tmp_path,
 
 
 def test_the_docstring_promises_what_the_defaults_do():
-    (episodes,) = re.findall(r"over (\d+) episodes", actor_critic.__doc__)
-    assert int(episodes) == actor_critic.Args().eval_episodes
+    doc, defaults = " ".join(actor_critic.__doc__.split()), actor_critic.Args()
+    (checked,) = re.findall(r"every one of (\d+) fresh episodes", doc)
+    (evaluated,) = re.findall(r"on the (\d+) evaluation episodes", doc)
+    assert int(checked) == int(evaluated) == defaults.eval_episodes
+    (every,) = re.findall(r"checked every (\d+) steps", doc)
+    assert int(every) == defaults.solved_check_freq
 
 
 def test_rmsprop_nstep_returns_and_any_discrete_env_through_the_sync_vector_env(run_script):
