@@ -1,0 +1,412 @@
+"""Learning curves over several seeds: each script run as a user runs it, plotted and tabled.
+
+    python experiments/curves.py                                   # every CPU script, seeds 42 123 456
+    python experiments/curves.py --scripts ppo_cartpole actor_critic --seeds 1 2 3 --out curves/cartpole
+    python experiments/curves.py --scripts ppo_cartpole --total-timesteps 20000 --peers
+
+Every (script, seed) pair is one subprocess, `python <script>.py --seed S` with the script's default
+settings (`--total-timesteps` overrides the budget for a quick look; flags after `--` go to every
+run), in its own working directory `<out>/runs/<script>/seed-<S>/`. As many run at once as
+`--jobs` says (default: one per core), under a progress bar. The tool then reads the TensorBoard
+scalars each run wrote and writes into `--out`:
+
+- `<script>.png`: the training return against environment steps and against wall-clock seconds
+  since the process started. Each seed's episodes are smoothed by the mean of its last 20
+  (the same window the progress bars show), then put on a common grid: the line is the mean over
+  seeds and the band spans the lowest to the highest seed (min-max), drawn only as far as every
+  seed got (a run that stopped once solved ends early; its thin line ends there). A third panel
+  where the script logs one: ppo_drone's tracking error, dqn_flappy's pipes in its periodic greedy
+  evaluations.
+- `results.md` and `results.csv`: per script the final evaluation, mean ± std over seeds of each
+  seed's mean, with every seed's value; environment steps, wall time of the whole process (as the
+  tool measured it from launch to exit) and steps/s; pipes for dqn_flappy, tracking error and RMSE
+  for ppo_drone. `results.csv` has one row per run.
+
+`--peers` adds the Stable-Baselines3 counterparts where they run here: SB3 PPO beside ppo_cartpole
+and SB3 A2C beside actor_critic, each with the RL-Zoo settings for CartPole-v1 and the same seeds,
+run by this file in a child process that writes the same TensorBoard scalars.
+
+The runs share the cores when --jobs is above 1: wall times and steps/s are those of runs that ran
+side by side, as the table's header says. Bad input (an unknown script, an empty seed list, an
+unwritable --out) gets one line on stderr and exit status 2. A run that fails is reported with its
+script, seed and the tail of its stderr; the others are still plotted and tabled, and the tool
+exits with status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NoReturn
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPTS = ("ppo_cartpole", "actor_critic", "qlearning_cartpole", "dqn_flappy", "ppo_drone", "ppo_atari")
+CPU_SCRIPTS = SCRIPTS[:-1]  # the default: those that train on a CPU in minutes
+PEERS = {"ppo_cartpole": "sb3_ppo", "actor_critic": "sb3_a2c"}
+WINDOW = 20  # training returns are smoothed by the mean of the last WINDOW episodes
+GRID_POINTS = 200
+# A third panel where a script logs a curve of its own: (scalar, axis label).
+EXTRA_CURVES = {
+    "ppo_drone": ("charts/tracking_error", "tracking error (m)"),
+    "dqn_flappy": ("charts/greedy_score", "pipes, periodic greedy evaluation"),
+}
+# Extra columns of the table: (scalar logged per evaluation episode, column name).
+EXTRA_EVALS = {
+    "dqn_flappy": (("eval/episodic_score", "eval pipes"),),
+    "ppo_drone": (
+        ("eval/tracking_error", "eval tracking error (m)"),
+        ("eval/tracking_rmse", "eval RMSE (m)"),
+    ),
+}
+
+
+def fail(message: str) -> NoReturn:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra = argv[argv.index("--") + 1 :] if "--" in argv else []
+    argv = argv[: argv.index("--")] if "--" in argv else argv
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--scripts", nargs="*", default=list(CPU_SCRIPTS), help="scripts, by name")
+    parser.add_argument("--seeds", nargs="*", type=int, default=[42, 123, 456])
+    parser.add_argument("--out", type=Path, default=Path("curves"), help="folder of the figures and table")
+    parser.add_argument("--total-timesteps", type=int, default=None, help="override every budget")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="runs at once")
+    parser.add_argument("--peers", action="store_true", help="also run SB3 PPO / A2C on CartPole")
+    args = parser.parse_args(argv)
+    args.extra = extra
+    args.scripts = [name.removesuffix(".py") for name in args.scripts]
+    for name in args.scripts:
+        if name not in SCRIPTS:
+            fail(f"unknown script {name!r}; choose from {', '.join(SCRIPTS)}")
+    if not args.scripts:
+        fail("--scripts is empty; name at least one script")
+    if not args.seeds:
+        fail("--seeds is empty; give at least one seed")
+    if len(set(args.seeds)) != len(args.seeds):
+        fail(f"--seeds repeats a seed: {args.seeds}")
+    if args.jobs <= 0:
+        fail(f"--jobs must be positive, got {args.jobs}")
+    if args.total_timesteps is not None and args.total_timesteps <= 0:
+        fail(f"--total-timesteps must be positive, got {args.total_timesteps}")
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+        probe = args.out / ".writable"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as error:
+        fail(f"cannot write to --out {args.out} ({error.strerror or error})")
+    return args
+
+
+# ---------------------------------------------------------------------------------------------
+# Running
+
+
+@dataclass
+class RunResult:
+    script: str  # the script's name, or its peer's (sb3_ppo, sb3_a2c)
+    seed: int
+    workdir: Path
+    wall: float = 0.0
+    launched: float = 0.0
+    error: str | None = None
+    scalars: dict[str, list[tuple[int, float, float]]] = field(default_factory=dict)  # step, time, value
+
+
+def command_for(args: argparse.Namespace, script: str, seed: int, workdir: Path) -> list[str]:
+    if script in PEERS.values():
+        budget = args.total_timesteps or 100_000
+        return [sys.executable, str(Path(__file__).resolve()), "--peer-child", script, str(seed), str(budget)]
+    command = [sys.executable, str(ROOT / f"{script}.py"), "--seed", str(seed)]
+    if args.total_timesteps is not None:
+        command += ["--total-timesteps", str(args.total_timesteps)]
+    return command + args.extra
+
+
+def run_one(args: argparse.Namespace, script: str, seed: int) -> RunResult:
+    workdir = args.out / "runs" / script / f"seed-{seed}"
+    workdir.mkdir(parents=True, exist_ok=True)
+    result = RunResult(script, seed, workdir)
+    env = {**os.environ, "WANDB_MODE": os.environ.get("WANDB_MODE", "offline")}
+    result.launched = time.time()
+    with open(workdir / "stdout.log", "w") as stdout, open(workdir / "stderr.log", "w+") as stderr:
+        process = subprocess.run(
+            command_for(args, script, seed, workdir), cwd=workdir, stdout=stdout, stderr=stderr, env=env
+        )
+        result.wall = time.time() - result.launched
+        if process.returncode != 0:
+            stderr.seek(0)
+            tail = "\n".join(stderr.read().strip().splitlines()[-5:])
+            result.error = f"exit status {process.returncode}: {tail}"
+            return result
+    result.scalars = read_scalars(workdir)
+    return result
+
+
+def read_scalars(workdir: Path) -> dict[str, list[tuple[int, float, float]]]:
+    """Every scalar of the run's TensorBoard files: key -> [(step, wall time, value)] in order."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    from tensorboard.util import tensor_util
+
+    scalars: dict[str, list[tuple[int, float, float]]] = {}
+    for event_file in sorted(workdir.rglob("events.out.tfevents.*")):
+        for event in EventFileLoader(str(event_file)).Load():
+            for value in event.summary.value:
+                if value.HasField("simple_value"):
+                    number = value.simple_value
+                elif value.metadata.plugin_data.plugin_name == "scalars":  # (histograms are not)
+                    number = float(tensor_util.make_ndarray(value.tensor))
+                else:
+                    continue
+                scalars.setdefault(value.tag, []).append((event.step, event.wall_time, float(number)))
+    return scalars
+
+
+def peer_child(name: str, seed: int, budget: int) -> None:
+    """Runs in its own process: SB3 with RL-Zoo's CartPole-v1 settings, logging like our scripts."""
+    import torch
+    from stable_baselines3 import A2C, PPO
+    from stable_baselines3.common.callbacks import BaseCallback
+    from stable_baselines3.common.env_util import make_vec_env
+    from torch.utils.tensorboard import SummaryWriter
+
+    torch.set_num_threads(1)  # as our CartPole scripts: faster for these small networks
+    writer = SummaryWriter(f"runs/CartPole-v1__{name}__{seed}")
+
+    class LogEpisodes(BaseCallback):
+        def _on_step(self) -> bool:
+            for info in self.locals["infos"]:
+                if "episode" in info:  # added by SB3's Monitor wrapper when an episode ends
+                    writer.add_scalar("charts/episodic_return", info["episode"]["r"], self.num_timesteps)
+            return True
+
+    envs = make_vec_env("CartPole-v1", n_envs=8, seed=seed)
+    if name == "sb3_ppo":
+        model = PPO(
+            "MlpPolicy", envs, n_steps=32, batch_size=256, gae_lambda=0.8, gamma=0.98, n_epochs=20,
+            ent_coef=0.0, learning_rate=lambda remaining: remaining * 1e-3,
+            clip_range=lambda remaining: remaining * 0.2, seed=seed, device="cpu", verbose=0,
+        )  # fmt: skip
+    else:
+        model = A2C("MlpPolicy", envs, ent_coef=0.0, seed=seed, device="cpu", verbose=0)
+    model.learn(total_timesteps=budget, callback=LogEpisodes())
+    # The final evaluation, as our scripts do it: 10 greedy episodes on seeds seed + 10000 + i.
+    env = make_vec_env("CartPole-v1", n_envs=1)
+    for episode in range(10):
+        env.seed(seed + 10_000 + episode)
+        obs, total, done = env.reset(), 0.0, False
+        while not done:
+            action, _ = model.predict(obs, deterministic=True)
+            obs, reward, dones, _ = env.step(action)
+            total, done = total + float(reward[0]), bool(dones[0])
+        writer.add_scalar("eval/episodic_return", total, episode)
+    writer.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Curves and table
+
+
+def smoothed(points: list[tuple[int, float, float]], window: int = WINDOW) -> tuple[np.ndarray, ...]:
+    """(steps, wall times, mean of the last `window` returns) after each episode."""
+    steps = np.array([step for step, _, _ in points], dtype=float)
+    times = np.array([wall for _, wall, _ in points], dtype=float)
+    values = np.array([value for _, _, value in points], dtype=float)
+    cumulative = np.concatenate([[0.0], np.cumsum(values)])
+    counts = np.minimum(np.arange(1, len(values) + 1), window)
+    means = (cumulative[1:] - cumulative[np.arange(1, len(values) + 1) - counts]) / counts
+    return steps, times, means
+
+
+def band(curves: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, ...] | None:
+    """Mean, min and max over the curves on a common grid, up to where the shortest one ends."""
+    curves = [(x, y) for x, y in curves if len(x) > 0]
+    if not curves:
+        return None
+    start, end = max(x[0] for x, _ in curves), min(x[-1] for x, _ in curves)
+    if end <= start:
+        return None
+    grid = np.linspace(start, end, GRID_POINTS)
+    values = np.stack([np.interp(grid, x, y) for x, y in curves])
+    return grid, values.mean(axis=0), values.min(axis=0), values.max(axis=0)
+
+
+def plot_script(script: str, runs: list[RunResult], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    extra = EXTRA_CURVES.get(script)
+    panels = 3 if extra else 2
+    figure, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 3.8), constrained_layout=True)
+    groups: dict[str, list[RunResult]] = {}
+    for run in runs:
+        if run.error is None and run.scalars.get("charts/episodic_return"):
+            groups.setdefault(run.script, []).append(run)
+    for color, (name, members) in zip(("tab:blue", "tab:orange"), groups.items(), strict=False):
+        by_steps, by_time, by_extra = [], [], []
+        for run in members:
+            steps, times, means = smoothed(run.scalars["charts/episodic_return"])
+            by_steps.append((steps, means))
+            by_time.append((times - run.launched, means))
+            if extra and run.scalars.get(extra[0]):
+                points = run.scalars[extra[0]]
+                by_extra.append((np.array([p[0] for p in points], float), np.array([p[2] for p in points])))
+        curves = [(axes[0], by_steps), (axes[1], by_time)] + ([(axes[2], by_extra)] if extra else [])
+        for axis, per_seed in curves:
+            for x, y in per_seed:
+                axis.plot(x, y, color=color, linewidth=0.6, alpha=0.45)
+                axis.plot(x[-1:], y[-1:], marker="o", markersize=3, color=color, alpha=0.6)
+            summary = band(per_seed)
+            if summary is not None:
+                grid, mean, low, high = summary
+                axis.plot(grid, mean, color=color, linewidth=2, label=f"{name} ({len(per_seed)} seeds)")
+                axis.fill_between(grid, low, high, color=color, alpha=0.2)
+    axes[0].set_xlabel("environment steps")
+    axes[1].set_xlabel("seconds since the process started")
+    for axis in axes[:2]:
+        axis.set_ylabel(f"training return (mean of last {WINDOW})")
+    if extra:
+        axes[2].set_xlabel("environment steps")
+        axes[2].set_ylabel(extra[1])
+    for axis in axes:
+        axis.grid(alpha=0.3)
+    axes[0].legend(loc="best", fontsize=8)
+    seeds = sorted({run.seed for run in runs})
+    figure.suptitle(
+        f"{script}: mean over seeds {', '.join(map(str, seeds))}; band: min-max over seeds; "
+        "thin lines: each seed, dot where it ended",
+        fontsize=9,
+    )
+    figure.savefig(path, dpi=90)
+    plt.close(figure)
+
+
+def eval_values(run: RunResult, key: str) -> list[float]:
+    return [value for _, _, value in run.scalars.get(key, [])]
+
+
+def table_rows(runs: list[RunResult]) -> list[dict]:
+    """One row per run: what it scored, how far and how fast it got."""
+    rows = []
+    for run in runs:
+        row = {"script": run.script, "seed": run.seed, "wall_s": round(run.wall, 3), "error": run.error or ""}
+        if run.error is None:
+            steps = max(
+                (points[-1][0] for key, points in run.scalars.items() if key.startswith("charts/")), default=0
+            )
+            returns = eval_values(run, "eval/episodic_return")
+            row.update(steps=steps, steps_per_s=round(steps / run.wall, 1) if run.wall else None)
+            row["eval_return"] = float(np.mean(returns)) if returns else None
+            row["eval_return_std"] = float(np.std(returns)) if returns else None
+            for key, _ in EXTRA_EVALS.get(run.script, ()):
+                values = eval_values(run, key)
+                row[key] = float(np.mean(values)) if values else None
+        rows.append(row)
+    return rows
+
+
+def fmt(value: float | None, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:,.{digits}f}"
+
+
+def write_table(rows: list[dict], args: argparse.Namespace) -> None:
+    columns = ["script", "seed", "steps", "wall_s", "steps_per_s", "eval_return", "eval_return_std"]
+    columns += sorted({key for row in rows for key in row if key.startswith("eval/")})
+    with open(args.out / "results.csv", "w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=[*columns, "error"], extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+
+    parallel = (
+        f"{args.jobs} runs at a time on {os.cpu_count()} cores" if args.jobs > 1 else "one run at a time"
+    )
+    lines = [
+        f"Seeds {', '.join(map(str, args.seeds))}; default settings"
+        + (f", --total-timesteps {args.total_timesteps}" if args.total_timesteps else "")
+        + f"; {parallel} (wall times and steps/s are whole processes).",
+        "",
+        "| script | final evaluation, mean ± std over seeds | per seed | env steps (mean) | wall time (mean) | steps/s (mean) | more |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for script in dict.fromkeys(row["script"] for row in rows):
+        done = [row for row in rows if row["script"] == script and not row["error"]]
+        failed = [row for row in rows if row["script"] == script and row["error"]]
+        evals = [row["eval_return"] for row in done if row["eval_return"] is not None]
+        summary = f"{statistics.mean(evals):.1f} ± {statistics.pstdev(evals):.1f}" if evals else "-"
+        per_seed = ", ".join(f"{row['seed']}: {fmt(row['eval_return'])}" for row in done)
+        per_seed += "".join(f", {row['seed']}: failed" for row in failed)
+        more = []
+        for key, name in EXTRA_EVALS.get(script, ()):
+            values = [row.get(key) for row in done if row.get(key) is not None]
+            if values:
+                more.append(f"{name}: " + ", ".join(f"{value:.3g}" for value in values))
+        lines.append(
+            f"| {script} | {summary} | {per_seed} | {fmt(mean_of(done, 'steps'), 0)} | "
+            f"{fmt(mean_of(done, 'wall_s'))} s | {fmt(mean_of(done, 'steps_per_s'), 0)} | {'; '.join(more)} |"
+        )
+    lines += ["", *(f"![{script}]({script}.png)" for script in dict.fromkeys(args.scripts))]
+    (args.out / "results.md").write_text("\n".join(lines) + "\n")
+
+
+def mean_of(rows: list[dict], key: str) -> float | None:
+    values = [row[key] for row in rows if row.get(key) is not None]
+    return statistics.mean(values) if values else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from tqdm import tqdm
+
+    jobs = [(script, seed) for script in args.scripts for seed in args.seeds]
+    if args.peers:
+        jobs += [(PEERS[script], seed) for script in args.scripts if script in PEERS for seed in args.seeds]
+    results: list[RunResult] = []
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool, tqdm(total=len(jobs), unit="run") as progress:
+        futures = [pool.submit(run_one, args, script, seed) for script, seed in jobs]
+        for future in futures:
+            result = future.result()
+            results.append(result)
+            progress.update(1)
+            progress.set_postfix_str(f"{result.script} seed {result.seed}", refresh=True)
+    for result in results:
+        if result.error:
+            print(f"error: {result.script} seed {result.seed} failed ({result.error})", file=sys.stderr)
+
+    for script in args.scripts:
+        runs = [run for run in results if run.script in (script, PEERS.get(script))]
+        plot_script(script, runs, args.out / f"{script}.png")
+    write_table(table_rows(results), args)
+    (args.out / "runs.json").write_text(
+        json.dumps(
+            [{"script": r.script, "seed": r.seed, "wall_s": r.wall, "error": r.error} for r in results],
+            indent=1,
+        )
+    )
+    print(f"wrote {args.out / 'results.md'}, results.csv and {len(args.scripts)} figures")
+    return 1 if any(result.error for result in results) else 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 5 and sys.argv[1] == "--peer-child":
+        peer_child(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
+    else:
+        sys.exit(main())

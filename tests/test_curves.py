@@ -1,0 +1,129 @@
+"""Tests of experiments/curves.py: the whole tool on tiny budgets, its bad inputs and a failing run."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import HEADLESS_ENV, ROOT, read_scalars
+
+CURVES = ROOT / "experiments" / "curves.py"
+
+
+def load_curves():
+    spec = importlib.util.spec_from_file_location("curves", CURVES)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["curves"] = module  # (its dataclasses look their module up there)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_tool(*argv: str, cwd) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(CURVES), *argv],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **HEADLESS_ENV},
+        timeout=600,
+    )
+
+
+def read_rows(out) -> list[dict]:
+    with open(out / "results.csv") as file:
+        return list(csv.DictReader(file))
+
+
+def test_two_scripts_two_seeds_and_the_peer_are_plotted_and_tabled_from_their_scalars(tmp_path):
+    out = tmp_path / "out"
+    result = run_tool(
+        "--scripts", "ppo_cartpole", "qlearning_cartpole", "--seeds", "1", "2", "--total-timesteps", "2048",
+        "--peers", "--jobs", "2", "--out", str(out), cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (out / "ppo_cartpole.png").stat().st_size > 10_000
+    assert (out / "qlearning_cartpole.png").stat().st_size > 10_000
+    rows = read_rows(out)
+    assert sorted((row["script"], row["seed"]) for row in rows) == sorted(
+        (script, seed) for script in ("ppo_cartpole", "qlearning_cartpole", "sb3_ppo") for seed in ("1", "2")
+    )
+    for row in rows:
+        # The table's figures are the run's own TensorBoard scalars, read here independently.
+        scalars = read_scalars(out / "runs" / row["script"] / f"seed-{row['seed']}" / "runs")
+        returns = [value for _, value in scalars["eval/episodic_return"]]
+        assert float(row["eval_return"]) == pytest.approx(np.mean(returns))
+        assert float(row["eval_return_std"]) == pytest.approx(np.std(returns))
+        last_step = max(points[-1][0] for key, points in scalars.items() if key.startswith("charts/"))
+        assert int(row["steps"]) == last_step
+        assert float(row["steps_per_s"]) == pytest.approx(last_step / float(row["wall_s"]), rel=0.02)
+        assert row["error"] == ""
+    ours = [row for row in rows if row["script"] == "ppo_cartpole"]
+    assert all(int(row["steps"]) == 2048 for row in ours)  # the budget given on the command line
+    table = (out / "results.md").read_text()
+    per_seed = [float(row["eval_return"]) for row in ours]
+    summary = f"| ppo_cartpole | {np.mean(per_seed):.1f} ± {np.std(per_seed):.1f} |"
+    assert summary in table and "| sb3_ppo |" in table and "![ppo_cartpole](ppo_cartpole.png)" in table
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--scripts", "ppo_cartpol"], "unknown script 'ppo_cartpol'"),
+        (["--seeds"], "--seeds is empty"),
+        (["--scripts"], "--scripts is empty"),
+        (["--jobs", "0"], "--jobs must be positive"),
+        (["--out", "a-file/curves"], "cannot write to --out a-file/curves"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(tmp_path, argv, message):
+    (tmp_path / "a-file").write_text("not a folder")
+    result = run_tool(*argv, cwd=tmp_path)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
+    assert not (tmp_path / "curves").exists()
+
+
+def test_a_failing_run_is_reported_and_the_others_still_plot(tmp_path, monkeypatch, capsys):
+    curves = load_curves()
+    real_command = curves.command_for
+
+    def command_for(args, script, seed, workdir):
+        if seed == 2:  # this run dies, as a crash would
+            return [
+                sys.executable,
+                "-c",
+                "import sys; print('boom: seed 2 broke', file=sys.stderr); sys.exit(3)",
+            ]
+        return real_command(args, script, seed, workdir)
+
+    monkeypatch.setattr(curves, "command_for", command_for)
+    out = tmp_path / "out"
+    code = curves.main(
+        [
+            "--scripts",
+            "qlearning_cartpole",
+            "--seeds",
+            "1",
+            "2",
+            "--total-timesteps",
+            "2000",
+            "--out",
+            str(out),
+        ]
+    )
+    assert code == 1
+    assert (
+        "error: qlearning_cartpole seed 2 failed (exit status 3: boom: seed 2 broke)"
+        in capsys.readouterr().err
+    )
+    assert (out / "qlearning_cartpole.png").stat().st_size > 10_000
+    rows = {row["seed"]: row for row in read_rows(out)}
+    assert rows["2"]["error"].startswith("exit status 3") and rows["1"]["error"] == ""
+    assert float(rows["1"]["eval_return"]) > 0
+    assert "2: failed" in (out / "results.md").read_text()
