@@ -209,13 +209,85 @@ def final_eval(line: str) -> str:
     return re.search(r"eval return [^;]*", line).group()
 
 
+# --- Greedy evaluation and the best network ----------------------------------------------------
+
+
+def test_evaluate_plays_one_seeded_episode_per_env_like_envs_played_one_by_one():
+    args = dqn_flappy.Args(env_id="CartPole-v1", max_episode_steps=500)
+    torch.manual_seed(0)
+    q_network = dqn_flappy.QNetwork((4,), 2, hidden_size=8)
+    returns, scores = dqn_flappy.evaluate(q_network, args, 4, 7, torch.device("cpu"))
+    expected = []
+    for episode in range(4):  # the slow way: one env at a time, reset with seed + i
+        env = gym.make("CartPole-v1")
+        obs, _ = env.reset(seed=7 + episode)
+        total, done = 0.0, False
+        while not done:
+            with torch.no_grad():
+                action = int(q_network(torch.as_tensor(obs, dtype=torch.float32)[None]).argmax())
+            obs, reward, terminated, truncated, _ = env.step(action)
+            total, done = total + float(reward), terminated or truncated
+        expected.append(total)
+    assert len(set(expected)) > 1, "the reference episodes should differ to test anything"
+    assert returns.tolist() == expected and np.isnan(scores).all()  # CartPole has no score
+
+
+class RecordingRun:
+    def __init__(self):
+        self.logged = []
+
+    def log(self, scalars, step):
+        self.logged.append((step, scalars))
+
+
+def test_the_best_periodic_evaluation_keeps_its_network(monkeypatch):
+    """Each periodic evaluation logs its means; a copy of the network is kept only when it beats
+    the best so far, and the delivered network is that copy."""
+    args = dqn_flappy.Args(env_id="CartPole-v1", eval_freq=1000, eval_episodes=2)
+    q_network = dqn_flappy.QNetwork((4,), 2, hidden_size=8)
+    means = iter([1.0, 3.0, 2.0])
+    seeds = []
+
+    def fake_evaluate(network, args, episodes, seed, device, video_folder=None):
+        seeds.append(seed)
+        mean = next(means)
+        return np.full(episodes, mean), np.full(episodes, mean / 10)
+
+    monkeypatch.setattr(dqn_flappy, "evaluate", fake_evaluate)
+    best, run = {"mean_return": -np.inf, "step": 0, "model": None}, RecordingRun()
+    kept = {}
+    for step in (1000, 2000, 3000):
+        with torch.no_grad():
+            for parameter in q_network.parameters():
+                parameter.fill_(step)
+        kept[step] = {name: tensor.clone() for name, tensor in q_network.state_dict().items()}
+        dqn_flappy.keep_if_best(best, q_network, args, step, torch.device("cpu"), run)
+    assert best["step"] == 2000 and best["mean_return"] == 3.0
+    assert all(torch.equal(best["model"][name], tensor) for name, tensor in kept[2000].items())
+    assert run.logged == [
+        (step, {"charts/greedy_return": mean, "charts/greedy_score": mean / 10})
+        for step, mean in ((1000, 1.0), (2000, 3.0), (3000, 2.0))
+    ]
+    # Fresh episodes each time, never those of the final evaluation (seed + EVAL_SEED_OFFSET + i).
+    final = set(range(args.seed + dqn_flappy.EVAL_SEED_OFFSET, args.seed + dqn_flappy.EVAL_SEED_OFFSET + 10))
+    assert len(set(seeds)) == 3 and not final & {seed + i for seed in seeds for i in range(2)}
+    dqn_flappy.load_delivered(q_network, best)
+    assert all(torch.equal(q_network.state_dict()[name], tensor) for name, tensor in kept[2000].items())
+    # Without periodic evaluations nothing is kept, and the last network is delivered.
+    none = {"mean_return": -np.inf, "step": 0, "model": None}
+    args.eval_freq = 0
+    dqn_flappy.keep_if_best(none, q_network, args, 4000, torch.device("cpu"), run)
+    assert none["model"] is None and len(seeds) == 3
+
+
 def test_smoke_run_logs_every_key_and_eval_checkpoint_repeats_its_evaluation(run_script):
     result = run_script(SCRIPT, *TINY)
     assert result.returncode == 0, result.describe()
     for key in (
         "charts/episodic_return", "charts/episodic_length", "charts/episodic_score", "charts/SPS",
         "charts/epsilon", "charts/learning_rate", "losses/td_loss", "losses/q_values",
-        "eval/episodic_return", "eval/episodic_score",
+        "eval/episodic_return", "eval/episodic_score", "charts/greedy_return", "charts/greedy_score",
+        "eval/last_network/episodic_return", "eval/last_network/episodic_score",
     ):  # fmt: skip
         assert key in result.scalars, f"{key} not logged"
     epsilons = result.values("charts/epsilon")
@@ -240,8 +312,9 @@ def test_smoke_run_logs_every_key_and_eval_checkpoint_repeats_its_evaluation(run
         "model",
         "target_model",
         "optimizer",
+        "best",
     }
-    assert state["kind"] == "dqn/1" and state["env_id"] == "FlappyBird-v0" and state["global_step"] == 1200
+    assert state["kind"] == "dqn/2" and state["env_id"] == "FlappyBird-v0" and state["global_step"] == 1200
     last = result.stdout.strip().splitlines()[-1]
     assert last.startswith("done: 1200 steps") and "over 2 episodes, pipes " in last
 
@@ -264,7 +337,7 @@ def test_eval_checkpoint_uses_the_seed_of_the_final_evaluation(in_tmp, capsys):
     # The check has teeth: evaluating at the training seed itself gives other figures.
     args = dqn_flappy.parse_args(["--eval-checkpoint", str(checkpoint)])
     q_network = dqn_flappy.build_q_network(args, torch.device("cpu"))
-    q_network.load_state_dict(torch.load(checkpoint, weights_only=True)["model"])
+    dqn_flappy.load_delivered(q_network, torch.load(checkpoint, weights_only=True)["best"])
     returns, scores = dqn_flappy.evaluate(q_network, args, 5, args.seed, torch.device("cpu"))
     assert dqn_flappy.describe_eval(returns, scores) != final
 
@@ -501,7 +574,7 @@ def test_bad_checkpoints_exit_2_with_one_line(in_tmp, capsys):
         ("text.pt",): "not a readable checkpoint",
         ("list.pt",): "not a checkpoint of this project",
         ("unnamed.pt",): "not a checkpoint of this project",
-        ("other.pt",): "holds a ppo-discrete-mlp/1 checkpoint; this script trains dqn/1",
+        ("other.pt",): "holds a ppo-discrete-mlp/1 checkpoint; this script trains dqn/2",
         ("empty.pt", "--no-cuda"): "does not hold a usable network",
         ("cartpole.pt", "--env-id", "FlappyBird-v0"): "--env-id is 'FlappyBird-v0' but the checkpoint was trained with 'CartPole-v1'",
         (str(checkpoint), "--obs-type", "lidar"): "--obs-type is 'lidar' but the checkpoint was trained with 'features'",
