@@ -36,6 +36,7 @@ evaluation game as the network sees it.
 
 from __future__ import annotations
 
+import datetime
 import difflib
 import functools
 import hashlib
@@ -55,6 +56,7 @@ import ale_py
 import gymnasium as gym
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import tyro
 from ale_py.vector_env import AtariVectorEnv
@@ -165,10 +167,6 @@ class Args:
     @property
     def batch_size(self) -> int:
         return self.num_envs * self.num_steps
-
-    @property
-    def num_iterations(self) -> int:
-        return max(1, self.total_timesteps // self.batch_size)
 
 
 def atari_game(env_id: str) -> tuple[str, float]:
@@ -420,12 +418,16 @@ def explained_variance(predictions: torch.Tensor, targets: torch.Tensor) -> floa
 
 
 def update(
-    agent, optimizer, args, keep, b_obs, b_actions, b_logprobs, b_advantages, b_returns, b_values
-) -> dict:
+    agent, optimizer, args, keep, b_obs, b_actions, b_logprobs, b_advantages, b_returns, b_values,
+    average: Callable[[list[torch.Tensor]], None] = lambda tensors: None,
+) -> dict:  # fmt: skip
     """Several epochs of minibatch PPO over the `keep` samples of one rollout; last epoch's stats.
 
     `keep` holds the flat indices of the real transitions (the autoreset steps are left out), so
     a minibatch gathers its uint8 frames rather than the whole rollout being copied first.
+    Under torchrun, `average` replaces tensors by their mean over the ranks (in one process it
+    does nothing): each rank's gradients become the gradients of all ranks' minibatches together,
+    so every rank takes the same step and the copies of the network stay identical.
     """
     if len(keep) == 0:  # every step of the rollout was an autoreset step: nothing to learn from
         return {"finite": True}
@@ -462,6 +464,7 @@ def update(
 
             optimizer.zero_grad()
             loss.backward()
+            average([parameter.grad for parameter in agent.parameters()])
             nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
             optimizer.step()
 
@@ -479,8 +482,11 @@ def update(
                 "ratio_mean": ratio.mean().item(),
                 "ratio_max": ratio.max().item(),
             }
-        if args.target_kl is not None and stats["approx_kl"] > args.target_kl:
-            break
+        if args.target_kl is not None:
+            approx_kl = torch.tensor([stats["approx_kl"]], device=b_obs.device)
+            average([approx_kl])  # every rank stops after the same epoch
+            if approx_kl.item() > args.target_kl:
+                break
     stats["clipfrac"] = torch.stack(clipfracs).mean().item()
     # The last step may have broken the weights even though every loss was finite.
     stats["finite"] = all(bool(torch.isfinite(parameter).all()) for parameter in agent.parameters())
@@ -493,25 +499,31 @@ def main(args: Args) -> None:
         evaluate_checkpoint(args)
         return
     checkpoint = load_checkpoint(args.resume) if args.resume else None
+    # Launched by torchrun, this process is one rank of several, each stepping its own --num-envs
+    # games; alone, it is rank 0 of 1 and nothing below changes.
+    ranks = Ranks(args.cuda)
+    steps_per_iteration = args.batch_size * ranks.world  # every rank's rollout
+    num_iterations = max(1, args.total_timesteps // steps_per_iteration)
     if checkpoint is not None:
         check_settings(args, checkpoint["args"], RESUME_MAY_CHANGE)
-        run_name, global_step, start_iteration = (
-            checkpoint["run_name"],
-            checkpoint["global_step"],
-            checkpoint["iteration"] + 1,
-        )
+        run_name, global_step = checkpoint["run_name"], checkpoint["global_step"]
     else:
         run_name = f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"
-        global_step, start_iteration = 0, 1
-    run = Run(args, run_name, total_steps=args.num_iterations * args.batch_size, global_step=global_step)
-    # A resumed run reseeds with an offset so it does not replay the random stream of its start.
-    seed = args.seed + start_iteration - 1
+        global_step = 0
+    # Counted in steps, so that a run saved by N ranks resumes in any number of them.
+    start_iteration = global_step // steps_per_iteration + 1
+    total_steps = num_iterations * steps_per_iteration
+    run = Run(args, run_name, total_steps, global_step) if ranks.is_main else RankRun()
+    # A resumed run reseeds with an offset so it does not replay the random stream of its start;
+    # each rank plays its own games with its own random numbers.
+    seed = args.seed + start_iteration - 1 + ranks.rank * RANK_SEED_OFFSET
     seed_everything(seed, args.torch_deterministic)
-    device = pick_device(args.cuda, args.torch_threads)
+    device = ranks.local_device(pick_device(args.cuda, args.torch_threads))
     envs = make_envs(
         args.env_id, args.num_envs, args.repeat_action_probability, args.env_backend, args.env_threads
     )
     agent = build_agent(args.env_id, device, args.bf16)
+    ranks.copy_from_rank_0(agent)  # the same initial weights on every rank
     optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)
     if checkpoint is not None:
         restore(agent, optimizer, checkpoint, args.resume)
@@ -549,15 +561,13 @@ def main(args: Args) -> None:
     # True where the env's previous step ended a game: its next step is the autoreset step.
     next_is_autoreset = np.zeros(args.num_envs, dtype=bool)
 
-    for iteration in range(start_iteration, args.num_iterations + 1):
+    for iteration in range(start_iteration, num_iterations + 1):
         previous_step = global_step
         if args.anneal_lr:
-            optimizer.param_groups[0]["lr"] = linear_schedule(
-                args.learning_rate, iteration, args.num_iterations
-            )
+            optimizer.param_groups[0]["lr"] = linear_schedule(args.learning_rate, iteration, num_iterations)
 
         for step in range(args.num_steps):
-            global_step += args.num_envs
+            global_step += args.num_envs * ranks.world  # the steps of every rank
             obs[step] = torch.from_numpy(next_obs)
             # Gymnasium >= 1.0 autoresets on the step *after* a game ends: that step ignores the
             # action and returns the reset observation with reward 0. It is not a transition, so
@@ -591,7 +601,7 @@ def main(args: Args) -> None:
         b_values, b_returns, b_advantages = values[:-1].flatten(), returns.flatten(), advantages.flatten()
         stats = update(
             agent, optimizer, args, keep, obs.flatten(0, 1), actions.flatten(), logprobs.flatten(),
-            b_advantages, b_returns, b_values,
+            b_advantages, b_returns, b_values, ranks.average,
         )  # fmt: skip
 
         run.stop_if_not_finite(stats["finite"], training_state, global_step)
@@ -603,10 +613,14 @@ def main(args: Args) -> None:
             run.writer.add_histogram("losses/advantages", b_advantages[keep], global_step)
         run.advance(global_step)
         run.checkpoint(training_state, global_step, previous_step)
-        if run.stop.requested:
+        if ranks.agree_to_stop(run.stop):  # a signal to any rank stops every rank here
             break
     envs.close()
+    ranks.check_identical(agent)
     run.end_training(training_state(), global_step)  # exits 130/143 after a stop signal
+    if not ranks.is_main:  # rank 0 alone evaluates
+        ranks.close()
+        return
 
     video = Path(f"videos/{run_name}/eval/episode-0.mp4") if args.capture_video else None
     eval_envs = make_envs(
@@ -616,6 +630,7 @@ def main(args: Args) -> None:
     for episode, episode_return in enumerate(eval_returns):
         run.log({"eval/episodic_return": episode_return}, episode)
     run.finish(global_step, eval_summary(eval_returns))
+    ranks.close()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -669,6 +684,17 @@ def validate(args: Args) -> None:
             fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.target_kl is not None and args.target_kl <= 0:
         fail(f"--target-kl must be positive (or omitted), got {args.target_kl}")
+    # Every other step of a rollout is a real transition at least (an autoreset step follows a
+    # game's last step only), so this many leave no minibatch empty: under torchrun every rank must
+    # take every gradient step, or the others would wait for it forever.
+    if (
+        int(os.environ.get("WORLD_SIZE", "1")) > 1
+        and (args.num_steps // 2) * args.num_envs < args.num_minibatches
+    ):
+        fail(
+            f"under torchrun each rank needs (--num-steps // 2) x --num-envs >= --num-minibatches "
+            f"({args.num_steps // 2} x {args.num_envs} < {args.num_minibatches})"
+        )
     if args.resume and args.eval_checkpoint:
         fail("give either --resume or --eval-checkpoint, not both")
     atari_game(args.env_id)
@@ -1113,6 +1139,130 @@ class Run:
             f"done: {global_step} steps in {elapsed:.1f}s ({(global_step - self.start_step) / elapsed:.0f} steps/s); "
             f"{result}{saved}"
         )
+
+
+# Rank r of a torchrun launch seeds with seed + r x this: its own games and random numbers, far
+# from the evaluation's seeds.
+RANK_SEED_OFFSET = 1_000_000
+# How long a rank waits in a collective for the others: a rank that died ends the rest with an
+# error after this at most (gloo notices a closed connection at once; a hung host takes this long).
+COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=5)
+
+
+class Ranks:
+    """The processes of a torchrun launch (WORLD_SIZE, RANK and LOCAL_RANK in the environment).
+
+    Why an explicit all-reduce rather than DistributedDataParallel: the whole of it is the one line
+    in `update` that averages the gradients, and the same `average` also makes every rank stop its
+    epochs together under --target-kl; DDP would wrap the agent (`agent.module...`) for the same
+    averaging, spread over backward hooks. Launched without torchrun this is rank 0 of 1, and every
+    method returns at once: no process group, no extra work.
+    """
+
+    def __init__(self, want_cuda: bool):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.cuda = want_cuda and torch.cuda.is_available()
+        if self.world > 1:
+            # nccl between GPUs, gloo between CPU processes (on one machine or several).
+            backend = "nccl" if self.cuda else "gloo"
+            if self.cuda:
+                torch.cuda.set_device(self.local_rank)
+            dist.init_process_group(backend, timeout=COLLECTIVE_TIMEOUT)
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 alone logs, saves checkpoints and evaluates."""
+        return self.rank == 0
+
+    def local_device(self, device: torch.device) -> torch.device:
+        """Each rank of a machine on its own GPU."""
+        return torch.device("cuda", self.local_rank) if device.type == "cuda" and self.world > 1 else device
+
+    def collective(self, operation: Callable[[], object]) -> None:
+        """Run a collective; a rank that died or hangs ends this one with one line, not a traceback."""
+        try:
+            operation()
+        except (RuntimeError, dist.DistBackendError) as error:
+            print(
+                f"error: rank {self.rank}: another rank stopped answering ({str(error).splitlines()[0]})",
+                file=sys.stderr,
+            )
+            os._exit(1)  # the process group cannot be shut down cleanly without the lost rank
+
+    def average(self, tensors: list[torch.Tensor]) -> None:
+        """Replace each tensor by its mean over the ranks, in one all-reduce."""
+        if self.world == 1:
+            return
+        flat = torch.cat([tensor.flatten() for tensor in tensors])
+        self.collective(lambda: dist.all_reduce(flat))
+        flat /= self.world
+        offset = 0
+        for tensor in tensors:
+            tensor.copy_(flat[offset : offset + tensor.numel()].view_as(tensor))
+            offset += tensor.numel()
+
+    def copy_from_rank_0(self, module: nn.Module) -> None:
+        """Give every rank rank 0's parameters (each rank initialised its own from its own seed)."""
+        if self.world > 1:
+            for tensor in module.state_dict().values():
+                self.collective(lambda tensor=tensor: dist.broadcast(tensor, src=0))
+
+    def agree_to_stop(self, stop: StopFlag) -> bool:
+        """Whether any rank got Ctrl-C or SIGTERM; then every rank stops as if it had got it too."""
+        if self.world == 1:
+            return stop.requested
+        signum = torch.tensor([stop.signum or 0], device=self.device_of_collectives)
+        self.collective(lambda: dist.all_reduce(signum, op=dist.ReduceOp.MAX))
+        if signum.item() and not stop.requested:
+            stop.signum = int(signum.item())
+        return stop.requested
+
+    def check_identical(self, module: nn.Module) -> None:
+        """After training, check that every rank holds the same parameters, bit for bit."""
+        if self.world == 1:
+            return
+        flat = torch.cat([tensor.detach().flatten().float() for tensor in module.state_dict().values()])
+        lowest, highest = flat.clone(), flat.clone()
+        self.collective(lambda: dist.all_reduce(lowest, op=dist.ReduceOp.MIN))
+        self.collective(lambda: dist.all_reduce(highest, op=dist.ReduceOp.MAX))
+        if not torch.equal(lowest, highest):
+            print(f"error: rank {self.rank}: the ranks' parameters differ after training", file=sys.stderr)
+            sys.exit(1)
+        if self.is_main:
+            print(f"ranks: {self.world} ranks, parameters identical after training", file=sys.stderr)
+
+    @property
+    def device_of_collectives(self) -> torch.device:
+        return torch.device("cuda", self.local_rank) if self.cuda else torch.device("cpu")
+
+    def close(self) -> None:
+        if self.world > 1:
+            dist.destroy_process_group()
+
+
+class RankRun:
+    """What a rank other than 0 keeps of `Run`: the stop flag, and an exit that matches rank 0's."""
+
+    def __init__(self):
+        self.stop = StopFlag()
+        self.writer = self  # so that `run.writer.add_histogram` is a no-op too
+
+    def log_episode(self, *args) -> None: ...
+    def log(self, *args) -> None: ...
+    def add_histogram(self, *args) -> None: ...
+    def advance(self, *args) -> None: ...
+    def checkpoint(self, *args) -> None: ...
+
+    def stop_if_not_finite(self, finite: bool, state, global_step: int) -> None:
+        if not finite:  # rank 0 saves the state (its copy of the network is this one's)
+            print(f"error: loss became non-finite at step {global_step}", file=sys.stderr)
+            sys.exit(1)
+
+    def end_training(self, state: dict, global_step: int) -> None:
+        if self.stop.requested:
+            sys.exit(self.stop.exit_code)
 
 
 def parse_command_line(argv: list[str] | None = None) -> Args:

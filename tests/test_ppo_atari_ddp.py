@@ -1,0 +1,149 @@
+"""ppo_atari.py under torchrun: two ranks with gloo on the CPU, and the same file alone."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import HEADLESS_ENV, ROOT, run_script_in
+
+sys.path.insert(0, str(ROOT))
+import ppo_atari  # noqa: E402
+
+# Per rank: 4 envs x 32 steps, 4 minibatches, 2 epochs. Two ranks: 256 agent steps an iteration.
+SHAPE = ("--num-envs", "4", "--num-steps", "32", "--num-minibatches", "4", "--update-epochs", "2")
+GAME = ("--env-id", "ALE/Pong-v5", "--eval-episodes", "1", "--log-interval", "256")
+
+
+def torchrun(
+    workdir: Path, *args: str, timeout: float = 300, signal_rank=None
+) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc-per-node 2 ppo_atari.py *args` in `workdir`.
+
+    `signal_rank=(rank, signum, ready)` sends `signum` to that rank's process alone once
+    `ready(workdir)` holds.
+    """
+    workdir.mkdir(parents=True, exist_ok=True)
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+        str(ROOT / "ppo_atari.py"), *args,
+    ]  # fmt: skip
+    env = {**os.environ, **HEADLESS_ENV, "OMP_NUM_THREADS": "1"}
+    out, err = open(workdir / "out.log", "w+"), open(workdir / "err.log", "w+")  # noqa: SIM115
+    process = subprocess.Popen(command, cwd=workdir, env=env, stdout=out, stderr=err, text=True)
+    deadline, sent = time.monotonic() + timeout, False
+    while process.poll() is None:
+        if time.monotonic() > deadline:
+            process.kill()
+            raise AssertionError(f"torchrun ran past {timeout}s:\n{Path(err.name).read_text()[-3000:]}")
+        if signal_rank is not None and not sent and signal_rank[2](workdir):
+            rank, signum, _ = signal_rank
+            os.kill(rank_pid(process.pid, rank), signum)
+            sent = True
+        time.sleep(0.1)
+    out.seek(0), err.seek(0)
+    result = subprocess.CompletedProcess(command, process.returncode, out.read(), err.read())
+    out.close(), err.close()
+    return result
+
+
+def rank_pid(launcher: int, rank: int) -> int:
+    """The process of `rank` among the launcher's children (its environment says RANK=...)."""
+    children = Path(f"/proc/{launcher}/task/{launcher}/children").read_text().split()
+    for child in children:
+        environ = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
+        if f"RANK={rank}".encode() in environ:
+            return int(child)
+    raise AssertionError(f"no rank {rank} among {children}")
+
+
+def test_two_ranks_train_one_agent_that_evaluates_and_resumes_in_one_process(tmp_path):
+    result = torchrun(tmp_path, *GAME, *SHAPE, "--total-timesteps", "1024")
+    assert result.returncode == 0, result.stderr[-4000:]
+    # The step counter counts both ranks: 4 iterations of 2 x 128 agent steps.
+    assert re.search(r"^done: 1024 steps", result.stdout, re.MULTILINE), result.stdout
+    # After 4 updates (8 gradient steps each) both ranks hold the same parameters, bit for bit.
+    assert "ranks: 2 ranks, parameters identical after training" in result.stderr
+    # Rank 0 alone writes a run folder (and logs, saves and evaluates).
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert result.stdout.count("done: ") == 1 and result.stdout.count("eval return") == 1
+    checkpoint = run_dir / "ppo_atari.pt"
+    state = torch.load(checkpoint, weights_only=True)
+    assert state["global_step"] == 1024 and state["iteration"] == 4
+
+    # The same file format: one process evaluates it, with the figures of rank 0's evaluation...
+    evaluated = run_script_in(tmp_path, "ppo_atari.py", "--eval-checkpoint", str(checkpoint))
+    assert evaluated.returncode == 0, evaluated.describe()
+    final = re.search(r"eval return [^;(]*", result.stdout).group().strip()
+    assert final in evaluated.stdout, (final, evaluated.stdout)
+    # ...and resumes it: one process's iterations are 128 steps, two more reach 1280.
+    resumed = run_script_in(
+        tmp_path, "ppo_atari.py", "--resume", str(checkpoint), "--total-timesteps", "1280"
+    )
+    assert resumed.returncode == 0, resumed.describe()
+    assert resumed.stdout.strip().splitlines()[-1].startswith("done: 1280 steps")
+    assert torch.load(checkpoint, weights_only=True)["global_step"] == 1280
+
+
+def test_ctrl_c_on_one_rank_stops_both_with_one_checkpoint(tmp_path):
+    started = lambda workdir: any(workdir.glob("runs/*/events.out.tfevents.*"))  # noqa: E731
+    result = torchrun(
+        tmp_path, *GAME, *SHAPE, "--total-timesteps", "200000", signal_rank=(1, signal.SIGINT, started)
+    )
+    assert result.returncode != 0  # torchrun reports the ranks' exit status 130
+    assert "interrupted at step" in result.stderr, result.stderr[-4000:]
+    (checkpoint,) = tmp_path.glob("runs/*/ppo_atari.pt")
+    step = torch.load(checkpoint, weights_only=True)["global_step"]
+    assert 0 < step < 200_000 and step % 256 == 0  # both ranks stopped at the same iteration
+    assert "parameters identical" in result.stderr
+
+
+def test_a_rank_that_dies_ends_the_other_instead_of_hanging(tmp_path):
+    started = lambda workdir: any(workdir.glob("runs/*/events.out.tfevents.*"))  # noqa: E731
+    began = time.monotonic()
+    result = torchrun(
+        tmp_path,
+        *GAME,
+        *SHAPE,
+        "--total-timesteps",
+        "200000",
+        signal_rank=(1, signal.SIGKILL, started),
+        timeout=240,
+    )
+    assert result.returncode != 0
+    assert time.monotonic() - began < 200
+    assert "done: " not in result.stdout
+
+
+def test_alone_it_is_rank_0_of_1_and_the_collectives_do_nothing(monkeypatch):
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    ranks = ppo_atari.Ranks(want_cuda=False)
+    assert (ranks.world, ranks.rank, ranks.is_main) == (1, 0, True)
+    gradients = [torch.tensor([1.0, 2.0]), torch.tensor([[3.0]])]
+    ranks.average(gradients)
+    assert gradients[0].tolist() == [1.0, 2.0] and gradients[1].tolist() == [[3.0]]
+    stop = ppo_atari.StopFlag.__new__(ppo_atari.StopFlag)
+    stop.signum = None
+    assert ranks.agree_to_stop(stop) is False
+    stop.signum = signal.SIGTERM
+    assert ranks.agree_to_stop(stop) is True
+    assert ranks.local_device(torch.device("cpu")) == torch.device("cpu")
+    assert not torch.distributed.is_initialized()
+
+
+@pytest.mark.parametrize("world", ["2"])
+def test_torchrun_refuses_rollouts_that_could_leave_a_rank_without_a_minibatch(monkeypatch, capsys, world):
+    monkeypatch.setenv("WORLD_SIZE", world)
+    args = ppo_atari.Args(num_envs=1, num_steps=4, num_minibatches=4)
+    with pytest.raises(SystemExit) as exit_info:
+        ppo_atari.validate(args)
+    assert exit_info.value.code == 2
+    assert "under torchrun each rank needs" in capsys.readouterr().err
