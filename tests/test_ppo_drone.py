@@ -12,6 +12,7 @@ import re
 import shutil
 import signal
 import sys
+import types
 from dataclasses import asdict
 
 import numpy as np
@@ -427,9 +428,41 @@ def test_settings_come_from_the_checkpoint_and_conflicting_flags_are_refused(cap
     assert not (tmp_path / "runs").exists()
 
 
+class ScriptedFlights:
+    """Stands in for the evaluation envs: two drones whose distances to the reference point follow
+    a script; drone 0 ends its episode after 3 steps, drone 1 after 5 (then flies on, uncounted)."""
+
+    num_envs = 2
+    mean = torch.zeros(1)
+    unwrapped = types.SimpleNamespace(freq=50, trajectory=None)
+    distances = torch.tensor([[0.1, 0.4], [0.3, 0.2], [0.2, 0.2], [9.0, 0.6], [9.0, 0.1], [9.0, 9.0]])
+
+    def reset(self, seed=None):
+        self.t = 0
+        return torch.zeros(2, 1), {}
+
+    def step(self, action):
+        distance = self.distances[self.t]
+        self.t += 1
+        terminated = torch.tensor([self.t == 3, self.t == 5])
+        info = {"env_reward": torch.ones(2), "tracking_error": distance}
+        return torch.zeros(2, 1), torch.ones(2), terminated, torch.zeros(2, dtype=torch.bool), info
+
+
+def test_evaluation_reports_the_mean_and_the_rms_distance_of_each_episode():
+    agent = types.SimpleNamespace(deterministic_action=lambda obs: torch.zeros(len(obs), 3))
+    returns, errors, rmses = ppo_drone.evaluate(agent, ScriptedFlights(), 2, seed=0)
+    flights = [[0.1, 0.3, 0.2], [0.4, 0.2, 0.2, 0.6, 0.1]]  # each drone's distances, episode only
+    assert returns.tolist() == [3.0, 5.0]
+    assert errors == pytest.approx([sum(d) / len(d) for d in flights])
+    assert rmses == pytest.approx([math.sqrt(sum(x * x for x in d) / len(d)) for d in flights])
+
+
 # --- the CLI ---------------------------------------------------------------------------------
 
-EVAL_LINE = re.compile(r"return (-?[\d.]+) ± ([\d.]+) over (\d+) episodes, tracking error ([\d.]+) m")
+EVAL_LINE = re.compile(
+    r"return (-?[\d.]+) ± ([\d.]+) over (\d+) episodes, tracking error ([\d.]+) m \(RMSE ([\d.]+) m\)"
+)
 
 
 def test_train_track_video_then_evaluate_the_checkpoint_the_same(run_script, jax_cache):
@@ -440,9 +473,14 @@ def test_train_track_video_then_evaluate_the_checkpoint_the_same(run_script, jax
         "charts/reward_per_step", "charts/tracking_error", "losses/policy_loss", "losses/value_loss",
         "losses/entropy", "losses/approx_kl", "losses/old_approx_kl", "losses/clipfrac",
         "losses/explained_variance", "losses/ratio_mean", "losses/ratio_max", "eval/episodic_return",
-        "eval/tracking_error",
+        "eval/tracking_error", "eval/tracking_rmse",
     ):  # fmt: skip
         assert key in trained.scalars, f"{key} not logged"
+    # The root mean square of the distances is never below their mean.
+    for error, rmse in zip(
+        trained.values("eval/tracking_error"), trained.values("eval/tracking_rmse"), strict=True
+    ):
+        assert rmse >= error - 1e-6
     assert trained.steps("charts/SPS") == trained.steps("losses/policy_loss") == [256, 512]
     # Three action dimensions (yaw is held at 0, out of the policy): entropy starts near 3 x 1.419.
     assert trained.values("losses/entropy")[0] == pytest.approx(
