@@ -54,6 +54,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = ("ppo_cartpole", "actor_critic", "qlearning_cartpole", "dqn_flappy", "ppo_drone", "ppo_atari")
 CPU_SCRIPTS = SCRIPTS[:-1]  # the default: those that train on a CPU in minutes
 PEERS = {"ppo_cartpole": "sb3_ppo", "actor_critic": "sb3_a2c"}
+PEER_BUDGETS = {"sb3_ppo": 100_000, "sb3_a2c": 500_000}  # RL-Zoo's n_timesteps for CartPole-v1
 WINDOW = 20  # training returns are smoothed by the mean of the last WINDOW episodes
 GRID_POINTS = 200
 # A third panel where a script logs a curve of its own: (scalar, axis label).
@@ -132,7 +133,7 @@ class RunResult:
 
 def command_for(args: argparse.Namespace, script: str, seed: int, workdir: Path) -> list[str]:
     if script in PEERS.values():
-        budget = args.total_timesteps or 100_000
+        budget = args.total_timesteps or PEER_BUDGETS[script]
         return [sys.executable, str(Path(__file__).resolve()), "--peer-child", script, str(seed), str(budget)]
     command = [sys.executable, str(ROOT / f"{script}.py"), "--seed", str(seed)]
     if args.total_timesteps is not None:
