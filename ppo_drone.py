@@ -21,7 +21,7 @@ Run:
 
 Expect: the deterministic policy flies the whole 10 s figure-eight without a crash. Measured on
 this project's quiet 2-core CPU with the defaults, as a whole process, seed 42: 74 s (1,589,248
-steps, ~23k steps/s in training), evaluation return 488.9 ± 1.5 (of at most 500) over 10 drones,
+steps, ~23k steps/s in training; the same run took 99-130 s at other times on the same machine), evaluation return 488.9 ± 1.5 (of at most 500) over 10 drones,
 mean distance to the moving reference point 0.012 m, full-episode RMSE 0.028 m. The former
 course shape (15 epochs x 16 minibatches, 1M steps, one torch thread) took 106 s for 473.7 and
 0.029 m (RMSE 0.053 m); 10 x 8 at 1M steps took 60 s for 473.4 and 0.029 m (RMSE 0.046 m).

@@ -643,9 +643,12 @@ def test_reduced_budget_learns_to_fly_the_start_of_the_figure_eight(run_script, 
     (seed 1, 500k): return 75.9 ± 1.5, tracking error 0.142 m. Thresholds: return >= 50, error
     <= 0.30 m.
     """
+    # One torch thread: the numbers above were measured with it, and the sums of one thread come
+    # out in the same order on any machine, whatever its cores.
     result = run_script(
         SCRIPT, "--total-timesteps", "500000", "--update-epochs", "15", "--num-minibatches", "4",
-        "--max-episode-time", "2", "--eval-episodes", "64", "--no-save-model", env=jax_cache,
+        "--max-episode-time", "2", "--eval-episodes", "64", "--no-save-model", "--torch-threads", "1",
+        env=jax_cache,
     )  # fmt: skip
     assert result.returncode == 0, result.describe()
     returns, errors = result.values("eval/episodic_return"), result.values("eval/tracking_error")
