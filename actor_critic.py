@@ -17,9 +17,9 @@ Run:
 Expect: the run stops as soon as the greedy policy is solved (every one of 10 fresh episodes at
 475 or more, checked every 1024 steps): with seeds 1 / 2 / 3 after 26,624 / 53,248 / 38,912
 environment steps, then evaluating 496.7 ± 9.9 / 500 ± 0 / 500 ± 0 on the 10 evaluation episodes
-(4-9 s of training; over seeds 101-106 the median stop was 25k steps, at most 36k). As a whole
-process the default command took 6.3-10.0 s on this project's 2-core CPU (seeds 4-6), ~3.5 s of
-it starting Python and importing torch; SB3's A2C with the RL-Zoo settings needed 14-30 s to
+(2.3-5.5 s of training; over seeds 101-106 the median stop was 25k steps, at most 36k). As a whole
+process the default command took 3.6-5.6 s on this project's 2-core CPU (seeds 4-6), ~1.3 s of
+it starting Python and importing torch; SB3's A2C with the RL-Zoo settings needed 13-25 s to
 reach a solved training mean (benchmarks/README.md). Without the stop, training on to the 100k
 budget can lose the solved policy again (seed 3 then evaluated 248.5 ± 11.2):
 `--no-stop-when-solved` trains the whole budget.

@@ -15,12 +15,11 @@ Run:
 
 Expect: the run stops as soon as the greedy policy is solved (every one of 10 fresh episodes at
 475 or more, checked every 1024 steps) and then scores 500 ± 0 on the 10 evaluation episodes:
-with seeds 1 / 2 / 3 after 16,384 / 14,336 / 6,144 environment steps, 2-5 s of training. Over
-seeds 101-106 the median stop was 10.7k steps (at most 14.3k). As a whole process the default
-command took 5.0-7.2 s on this project's 2-core CPU (seeds 4-6), of which ~3.5 s is starting
-Python and importing torch (torch.optim's first call imports torch._dynamo, ~1.4 s); SB3's PPO
-with the RL-Zoo settings needed 11-25 s to reach a solved training mean (benchmarks/README.md).
-`--no-stop-when-solved` trains the whole 100k-step budget.
+with seeds 1 / 2 / 3 after 11,264 / 9,216 / 8,192 environment steps, 1.3-1.8 s of training. Over
+seeds 101-106 the median stop was 12.3k steps (1k-31.7k; evaluations 492.3-500). As a whole process
+the default command took 2.0-5.7 s on this project's 2-core CPU (seeds 4-6), ~1.3 s of it starting
+Python and importing torch; SB3's PPO with the RL-Zoo settings needed 9-19 s to reach a solved
+training mean (benchmarks/README.md). `--no-stop-when-solved` trains the whole 100k-step budget.
 """
 
 from __future__ import annotations
