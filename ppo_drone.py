@@ -20,11 +20,17 @@ Run:
     tensorboard --logdir runs
 
 Expect: the deterministic policy flies the whole 10 s figure-eight without a crash. Measured on
-this project's quiet 2-core CPU with the defaults, as a whole process, seed 42: 74 s (1,589,248
-steps, ~23k steps/s in training; the same run took 99-130 s at other times on the same machine), evaluation return 488.9 ± 1.5 (of at most 500) over 10 drones,
-mean distance to the moving reference point 0.012 m, full-episode RMSE 0.028 m. The former
-course shape (15 epochs x 16 minibatches, 1M steps, one torch thread) took 106 s for 473.7 and
-0.029 m (RMSE 0.053 m); 10 x 8 at 1M steps took 60 s for 473.4 and 0.029 m (RMSE 0.046 m).
+this project's quiet 2-core CPU with the defaults, as whole processes, seeds 42 / 123 / 456:
+63 / 57 / 61 s (1,589,248 steps, ~26k steps/s; the same seed-42 run took 74-97 s at other times
+that day), evaluation returns 488.9 / 491.2 / 484.7 (of at most 500) over 10 drones, mean
+distance to the moving reference point 0.012 / 0.009 / 0.016 m, full-episode RMSE 0.028 / 0.023 /
+0.029 m. Most of the RMSE is the start: crazyflow starts each drone ~0.22 m from the reference,
+and over 64 evaluation flights of seed 42 the first 10 steps (0.2 s) hold ~80% of the squared
+error: median RMSE 0.024 m over the whole flight, 0.010 m without them. Of a 74 s run, the PPO updates took 43 s, the simulation 17 s,
+imports 4 s, building the envs and compiling 3.4 s, the final evaluation 4.9 s.
+The former course shape (15 epochs x 16 minibatches, 1M steps, one torch thread) took 106 s for
+473.7 and 0.029 m (RMSE 0.053 m) on a slower day; 10 x 8 at 1M steps took 60 s for 473.4 and
+0.029 m (RMSE 0.046 m).
 Training crashes on a plateau for ~500-600k steps, then switches to clean flight within a few
 iterations. `--capture-video` writes flight.mp4 (MuJoCo offscreen, MUJOCO_GL=egl when headless)
 and flight.png (the flown path against the figure-eight).
@@ -91,9 +97,9 @@ class Args:
     cuda: bool = True
     """use a GPU when one is present, for both the simulation (JAX) and the networks (torch)"""
     torch_threads: int = 2
-    """CPU threads for torch (2, one per core of a 2-core CPU: the whole default run took 99 s
-    against 106 s with one thread on a quiet machine; on a CPU crowded by other jobs one thread is
-    faster; the simulation keeps JAX's own threads)"""
+    """CPU threads for torch (2, one per core of a 2-core CPU: on a quiet machine the default run's
+    PPO updates took 43.0 s against 55.7 s with one thread, the whole process 73.8 s against 84.9 s;
+    on a CPU crowded by other jobs one thread is faster; the simulation keeps JAX's own threads)"""
     track: bool = False
     """log the run to Weights & Biases (works offline with WANDB_MODE=offline)"""
     wandb_project_name: str = "rl-scripts"
