@@ -79,7 +79,7 @@ from tqdm import tqdm
 
 # Checkpoints name their kind rather than this file's name, so that a renamed copy of the script
 # still loads its own checkpoints.
-CHECKPOINT_KIND = "ppo-gaussian-mlp/1"
+CHECKPOINT_KIND = "ppo-gaussian-mlp/2"
 # crazyflow simulates at 500 Hz and runs SIM_FREQ / env_freq physics steps per env step.
 SIM_FREQ = 500
 # Position of the yaw command in crazyflow's attitude command (roll, pitch, yaw, thrust).
@@ -471,6 +471,70 @@ def ppo_loss(
     return policy_loss, value_loss, ratio
 
 
+# Copied from ppo_cartpole.py: Adam
+class Adam:
+    """Adam (Kingma & Ba, 2015), computed step for step as torch.optim.Adam computes it; with
+    `weight_decay`, AdamW's decoupled weight decay (Loshchilov & Hutter, 2019), as torch.optim.AdamW.
+
+    Written out rather than taken from torch.optim: torch.optim's first call imports torch._dynamo
+    (the compiler's machinery, ~1.4 s), a third of ppo_cartpole.py's whole run when it stops
+    solved after a few thousand steps. The test suite checks it against torch.optim.Adam and AdamW.
+    """
+
+    def __init__(
+        self,
+        parameters,
+        lr: float,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+    ):
+        self.parameters = list(parameters)
+        self.lr, self.betas, self.eps, self.weight_decay = lr, betas, eps, weight_decay
+        # Steps taken by each parameter: one that got no gradient is not stepped (as in torch).
+        self.steps = [0] * len(self.parameters)
+        # Running averages of each parameter's gradient (first moment) and squared gradient (second).
+        self.exp_avg = [torch.zeros_like(parameter) for parameter in self.parameters]
+        self.exp_avg_sq = [torch.zeros_like(parameter) for parameter in self.parameters]
+
+    def zero_grad(self) -> None:
+        for parameter in self.parameters:
+            parameter.grad = None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        beta1, beta2 = self.betas
+        for index, (parameter, exp_avg, exp_avg_sq) in enumerate(
+            zip(self.parameters, self.exp_avg, self.exp_avg_sq, strict=True)
+        ):
+            if parameter.grad is None:
+                continue
+            grad = parameter.grad
+            self.steps[index] += 1
+            if self.weight_decay:
+                # Decoupled: the weights shrink towards 0 directly, not through the gradient's moments.
+                parameter.mul_(1 - self.lr * self.weight_decay)
+            exp_avg.lerp_(grad, 1 - beta1)
+            exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+            # The averages start at 0: dividing by 1 - beta^t removes that bias from early steps.
+            bias_correction1 = 1 - beta1 ** self.steps[index]
+            bias_correction2_sqrt = (1 - beta2 ** self.steps[index]) ** 0.5
+            denominator = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(self.eps)
+            parameter.addcdiv_(exp_avg, denominator, value=-self.lr / bias_correction1)
+
+    def state_dict(self) -> dict:
+        return {"lr": self.lr, "steps": self.steps, "exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq}
+
+    def load_state_dict(self, state: dict) -> None:
+        saved = state["exp_avg"] + state["exp_avg_sq"]
+        mine = self.exp_avg + self.exp_avg_sq
+        if [tensor.shape for tensor in saved] != [tensor.shape for tensor in mine]:
+            raise ValueError("the optimiser state does not match the network's parameters")
+        for tensor, saved_tensor in zip(mine, saved, strict=True):
+            tensor.copy_(saved_tensor)
+        self.lr, self.steps = state["lr"], list(state["steps"])
+
+
 def update(agent, optimizer, args, b_obs, b_actions, b_logprobs, b_advantages, b_returns, b_values) -> dict:
     """Several epochs of minibatch PPO over one rollout; returns the last epoch's statistics.
 
@@ -565,9 +629,7 @@ def main(args: Args) -> None:
 
     envs = make_envs(args, args.num_envs, jax_device, device)
     agent = build_agent(envs, args.hidden_size, device)
-    optimizer = torch.optim.AdamW(
-        agent.parameters(), lr=args.learning_rate, eps=1e-5, weight_decay=args.weight_decay
-    )
+    optimizer = Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, weight_decay=args.weight_decay)
     if checkpoint is not None:
         restore(checkpoint, agent, optimizer, envs)
 
@@ -606,7 +668,7 @@ def main(args: Args) -> None:
     for iteration in range(start_iteration, args.num_iterations + 1):
         previous_step = global_step
         if args.anneal_lr:
-            optimizer.param_groups[0]["lr"] = linear_schedule(
+            optimizer.lr = linear_schedule(
                 args.learning_rate, iteration, args.num_iterations, args.lr_final_fraction
             )
 
@@ -647,7 +709,7 @@ def main(args: Args) -> None:
         if crossed(args.log_interval, global_step, previous_step) and len(b_returns) > 1:
             losses = {f"losses/{key}": value for key, value in stats.items() if key != "finite"}
             losses["losses/explained_variance"] = explained_variance(b_values, b_returns)
-            run.log({**losses, "charts/learning_rate": optimizer.param_groups[0]["lr"]}, global_step)
+            run.log({**losses, "charts/learning_rate": optimizer.lr}, global_step)
             if crossed(10 * args.log_interval, global_step, previous_step):
                 run.writer.add_histogram("losses/advantages", b_advantages, global_step)
         run.advance(global_step)
@@ -833,9 +895,7 @@ def build_agent(envs: VectorEnv, hidden_size: int, device: torch.device) -> Agen
     return Agent(obs_dim, action_dim, hidden_size).to(device)
 
 
-def restore(
-    checkpoint: dict, agent: Agent, optimizer: torch.optim.Optimizer, envs: NormalizeObservation
-) -> None:
+def restore(checkpoint: dict, agent: Agent, optimizer: Adam, envs: NormalizeObservation) -> None:
     """--resume: the checkpoint's weights, optimiser state and observation statistics."""
     try:
         agent.load_state_dict(checkpoint["model"])

@@ -97,7 +97,9 @@ def read_scalars(runs_dir: Path) -> dict[str, list[tuple[int, float]]]:
     return dict(scalars)
 
 
-def modules_imported_by(workdir: Path, script: str, *args: str) -> set[str]:
+def modules_imported_by(
+    workdir: Path, script: str, *args: str, env: dict[str, str] | None = None
+) -> set[str]:
     """The names of every module a whole run of `python ROOT/script *args` imported, in a fresh
     interpreter (the test process has imported far more than any script does)."""
     workdir.mkdir(parents=True, exist_ok=True)
@@ -108,7 +110,7 @@ def modules_imported_by(workdir: Path, script: str, *args: str) -> set[str]:
         "print('\\nMODULES', *sorted(sys.modules))\n"
     )
     result = subprocess.run(
-        [sys.executable, "-c", code], cwd=workdir, env={**os.environ, **HEADLESS_ENV},
+        [sys.executable, "-c", code], cwd=workdir, env={**os.environ, **HEADLESS_ENV, **(env or {})},
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]

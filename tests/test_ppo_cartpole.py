@@ -198,14 +198,21 @@ def test_update_skips_empty_minibatches_and_an_empty_batch():
 # --- Adam --------------------------------------------------------------------------------------
 
 
-def test_adam_steps_bit_for_bit_as_torch_optim_adam_and_resumes_from_its_saved_state():
-    """Against torch.optim.Adam's own loop over tensors, with an annealed learning rate, a
-    parameter that sometimes has no gradient (it is then not stepped) and a save/restore half-way."""
+@pytest.mark.parametrize("weight_decay", [0.0, 0.01])
+def test_adam_steps_bit_for_bit_as_torch_optim_adam_and_adamw_and_resumes_from_its_saved_state(weight_decay):
+    """Against torch.optim.Adam's (with weight decay: AdamW's) own loop over tensors, with an
+    annealed learning rate, a parameter that sometimes has no gradient (it is then not stepped,
+    nor decayed) and a save/restore half-way."""
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Tanh(), torch.nn.Linear(5, 2))
     reference_net = copy.deepcopy(net)
-    ours = ppo_cartpole.Adam(net.parameters(), lr=1e-2, eps=1e-5)
-    reference = torch.optim.Adam(reference_net.parameters(), lr=1e-2, eps=1e-5, foreach=False)
+    ours = ppo_cartpole.Adam(net.parameters(), lr=1e-2, eps=1e-5, weight_decay=weight_decay)
+    if weight_decay:
+        reference = torch.optim.AdamW(
+            reference_net.parameters(), lr=1e-2, eps=1e-5, weight_decay=weight_decay, foreach=False
+        )
+    else:
+        reference = torch.optim.Adam(reference_net.parameters(), lr=1e-2, eps=1e-5, foreach=False)
     for step in range(30):
         inputs = torch.randn(7, 3)
         ours.lr = reference.param_groups[0]["lr"] = 1e-2 * (1 - step / 30)
@@ -219,7 +226,7 @@ def test_adam_steps_bit_for_bit_as_torch_optim_adam_and_resumes_from_its_saved_s
             saved = io.BytesIO()
             torch.save(ours.state_dict(), saved)
             saved.seek(0)
-            ours = ppo_cartpole.Adam(net.parameters(), lr=0.0, eps=1e-5)
+            ours = ppo_cartpole.Adam(net.parameters(), lr=0.0, eps=1e-5, weight_decay=weight_decay)
             ours.load_state_dict(torch.load(saved, weights_only=True))
         for mine, theirs in zip(net.parameters(), reference_net.parameters(), strict=True):
             assert torch.equal(mine, theirs), step

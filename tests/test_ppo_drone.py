@@ -18,7 +18,7 @@ from dataclasses import asdict
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, read_wandb_runs
+from conftest import ROOT, modules_imported_by, read_wandb_runs
 
 sys.path.insert(0, str(ROOT))
 import ppo_drone  # noqa: E402
@@ -387,7 +387,7 @@ def test_bad_checkpoints_are_refused_with_one_line(capsys, monkeypatch, tmp_path
         "text.pt": "not a readable checkpoint",
         "list.pt": "not a checkpoint of this project",
         "old.pt": "not a checkpoint of this project",
-        "other.pt": "holds a ppo-discrete-mlp/1 checkpoint; this script trains ppo-gaussian-mlp/1",
+        "other.pt": "holds a ppo-discrete-mlp/1 checkpoint; this script trains ppo-gaussian-mlp/2",
     }
     for name, message in cases.items():
         for flag in ("--resume", "--eval-checkpoint"):
@@ -395,7 +395,7 @@ def test_bad_checkpoints_are_refused_with_one_line(capsys, monkeypatch, tmp_path
                 ppo_drone.main(ppo_drone.parse_args([flag, str(tmp_path / name)]))
             lines = capsys.readouterr().err.strip().splitlines()
             assert exit_info.value.code == 2 and len(lines) == 1 and message in lines[0], (name, flag, lines)
-    assert ppo_drone.load_checkpoint(str(tmp_path / "good.pt"))["kind"] == "ppo-gaussian-mlp/1"
+    assert ppo_drone.load_checkpoint(str(tmp_path / "good.pt"))["kind"] == "ppo-gaussian-mlp/2"
     assert not (tmp_path / "runs").exists()
 
 
@@ -499,7 +499,7 @@ def test_train_track_video_then_evaluate_the_checkpoint_the_same(run_script, jax
     assert len(videos) == 1 and videos[0].stat().st_size > 1000 and len(plots) == 1
     (checkpoint,) = trained.checkpoints("ppo_drone.pt")
     state = torch.load(checkpoint, weights_only=True)
-    assert state["kind"] == "ppo-gaussian-mlp/1" and state["global_step"] == 512
+    assert state["kind"] == "ppo-gaussian-mlp/2" and state["global_step"] == 512
     assert state["model"]["actor_logstd"].shape == (3,)
     assert state["obs_rms"]["mean"].shape == (43,) and state["obs_rms"]["count"] > 512
     done = trained.stdout.strip().splitlines()[-1]
@@ -567,8 +567,10 @@ def test_sigterm_saves_a_checkpoint_that_resumes_exactly_and_to_the_full_budget(
     assert restored["global_step"] == step and restored["run_name"] == saved["run_name"]
     for key in ("model", "obs_rms"):
         torch.testing.assert_close(restored[key], saved[key], rtol=0, atol=0)
-    torch.testing.assert_close(restored["optimizer"]["state"], saved["optimizer"]["state"], rtol=0, atol=0)
-    assert restored["optimizer"]["param_groups"] == saved["optimizer"]["param_groups"]
+    torch.testing.assert_close(
+        restored["optimizer"], saved["optimizer"], rtol=0, atol=0
+    )  # moments, steps, lr
+    assert saved["optimizer"]["steps"][0] > 0
     changed = {
         "resume": str(copy),
         "total_timesteps": step,
@@ -617,6 +619,13 @@ def test_non_finite_loss_stops_with_a_saved_state(run_script, jax_cache):
     assert result.returncode == 1, result.describe()
     assert "loss became non-finite at step" in result.stderr
     assert result.checkpoints("*_nan.pt")
+
+
+def test_a_whole_run_never_imports_the_compiler(tmp_path, jax_cache):
+    """torch.optim's first call imports torch._dynamo (~1.4 s): the script's own Adam (with AdamW's
+    weight decay) trains, checkpoints and evaluates without it."""
+    modules = modules_imported_by(tmp_path, SCRIPT, *TINY, env=jax_cache)
+    assert "torch" in modules and "jax" in modules and "torch._dynamo" not in modules
 
 
 def test_bad_input_through_the_real_cli(run_script):
