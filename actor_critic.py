@@ -82,8 +82,8 @@ class Args:
     save_model: bool = True
     """save the checkpoint runs/<run_name>/<exp_name>.pt (at the end, periodically, on Ctrl-C)"""
     checkpoint_freq: int = 50_000
-    """also save a checkpoint every this many environment steps, kept in runs/<run_name>/checkpoints/
-    (0 disables periodic saves)"""
+    """also save a checkpoint every this many environment steps, each kept in
+    runs/<run_name>/checkpoints/ with the trained agent at the end (0: none of them)"""
     log_interval: int = 640
     """write the loss statistics (and charts/SPS) every this many environment steps; each write
     wakes TensorBoard's writer thread, and once per iteration that cost ~20% of the run (episode
@@ -892,12 +892,12 @@ class Run:
         if self.args.save_model and crossed(self.args.checkpoint_freq, global_step, previous_step):
             saved = state()
             save_checkpoint(self.checkpoint_path, saved)
-            kept = (
-                self.dir
-                / "checkpoints"
-                / f"{self.checkpoint_path.stem}_{global_step:012d}{self.checkpoint_path.suffix}"
-            )
-            save_checkpoint(kept, saved)
+            save_checkpoint(self.kept_path(global_step), saved)
+
+    def kept_path(self, global_step: int) -> Path:
+        """runs/<run>/checkpoints/<name>_<step>: where the checkpoint of a step is kept."""
+        name = f"{self.checkpoint_path.stem}_{global_step:012d}{self.checkpoint_path.suffix}"
+        return self.dir / "checkpoints" / name
 
     def stop_if_not_finite(self, finite: bool, state: Callable[[], dict], global_step: int) -> None:
         """A NaN or infinite loss or weight ends the run: save the state for inspection, exit 1."""
@@ -914,6 +914,10 @@ class Run:
         self.progress.close()
         if self.args.save_model:
             save_checkpoint(self.checkpoint_path, state)
+            # The trained agent is kept too, so that evaluating the folder of kept checkpoints ends
+            # with it (a stopped run's checkpoint is a point to resume from, not a result).
+            if self.args.checkpoint_freq and not self.stop.requested:
+                save_checkpoint(self.kept_path(global_step), state)
         if self.stop.requested:
             self.writer.close()
             where = (

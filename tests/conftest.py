@@ -63,8 +63,10 @@ class ScriptResult:
         )
 
     def checkpoints(self, pattern: str = "*.pt") -> list[Path]:
-        """Checkpoint files written anywhere under runs/."""
-        return sorted((self.workdir / "runs").rglob(pattern))
+        """The runs' checkpoint files under runs/ (not the copies kept in runs/<run>/checkpoints/)."""
+        return sorted(
+            path for path in (self.workdir / "runs").rglob(pattern) if path.parent.name != "checkpoints"
+        )
 
     def values(self, tag: str) -> list[float]:
         return [value for _, value in self.scalars.get(tag, [])]

@@ -516,13 +516,18 @@ def test_stop_signal_saves_a_checkpoint_that_resumes(run_script, signum, code):
     checkpoint = next(path for path in interrupted.checkpoints() if path.name == "ppo_cartpole.pt")
     step = torch.load(checkpoint, weights_only=True)["global_step"]
     assert 0 < step < 400_000
-    # The periodic checkpoints are also kept, each named by its step.
+    # The periodic checkpoints are also kept, each named by its step; the interrupted state is not.
     kept = checkpoint.parent / "checkpoints" / "ppo_cartpole_000000001024.pt"
     assert torch.load(kept, weights_only=True)["global_step"] == 1024
+    kept_steps = [int(path.stem.rsplit("_", 1)[1]) for path in kept.parent.glob("*.pt")]
+    assert all(kept_step % 1024 == 0 for kept_step in kept_steps), kept_steps
 
     resumed = run_script(SCRIPT, "--resume", checkpoint, "--total-timesteps", str(step + 512))
     assert resumed.returncode == 0, resumed.describe()
     assert torch.load(checkpoint, weights_only=True)["global_step"] == step + 512
+    # A run that ends its budget keeps its trained agent with the others.
+    final = kept.parent / f"ppo_cartpole_{step + 512:012d}.pt"
+    assert torch.load(final, weights_only=True)["global_step"] == step + 512
 
 
 def test_a_second_signal_aborts_at_once(run_script):

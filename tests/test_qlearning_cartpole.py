@@ -292,17 +292,18 @@ def test_same_seed_gives_identical_logged_numbers(tmp_path):
 def test_eval_checkpoint_repeats_the_final_evaluation_and_periodic_checkpoints_resume(tmp_path):
     """--eval-checkpoint PATH alone takes the run's settings (seed 9 here) and evaluates on the same
     episodes as the end of training: the same figures. Every --checkpoint-freq steps a copy is
-    kept; resuming one continues with the schedules of the uninterrupted run, step for step."""
+    kept, and the trained table at the end; resuming one continues with the schedules of the
+    uninterrupted run, step for step."""
     from conftest import run_script_in
 
     trained = run_script_in(
-        tmp_path / "train", SCRIPT, *TINY, "--seed", "9", "--eval-episodes", "3", "--checkpoint-freq", "2048"
+        tmp_path / "train", SCRIPT, *TINY, "--seed", "9", "--eval-episodes", "3", "--checkpoint-freq", "3000"
     )
     assert trained.returncode == 0, trained.describe()
     (run_dir,) = trained.run_dirs
     checkpoint = run_dir / "qlearning_cartpole.npz"
     kept = sorted(path.name for path in (run_dir / "checkpoints").iterdir())
-    assert kept == ["qlearning_cartpole_000000002048.npz", "qlearning_cartpole_000000004096.npz"]
+    assert kept == ["qlearning_cartpole_000000003000.npz", "qlearning_cartpole_000000004096.npz"]
 
     evaluated = run_script_in(
         tmp_path / "train", SCRIPT, "--eval-checkpoint", str(checkpoint), "--capture-video"
@@ -314,7 +315,7 @@ def test_eval_checkpoint_repeats_the_final_evaluation_and_periodic_checkpoints_r
 
     halfway = tmp_path / "halfway.npz"
     shutil.copy(run_dir / "checkpoints" / kept[0], halfway)
-    assert int(load_npz(halfway)["global_step"]) == 2048
+    assert int(load_npz(halfway)["global_step"]) == 3000
     resumed = run_script_in(tmp_path / "resume", SCRIPT, "--resume", str(halfway))
     assert resumed.returncode == 0, resumed.describe()
     for key in ("charts/epsilon", "charts/learning_rate"):
