@@ -946,5 +946,5 @@ class Run:
 if __name__ == "__main__":
     main(parse_args())
     # Spare the interpreter's exit a garbage collection over the ~170k objects torch created at
-    # import (~0.4 s, a tenth of a run that stops solved): the process ends, the OS frees it all.
+    # import (~0.4 s): the process ends, and the OS frees its memory all at once.
     gc.freeze()

@@ -26,9 +26,10 @@ that day), evaluation returns 488.9 / 491.2 / 484.7 (of at most 500) over 10 dro
 distance to the moving reference point 0.012 / 0.009 / 0.016 m, full-episode RMSE 0.028 / 0.023 /
 0.029 m. Most of the RMSE is the start: crazyflow starts each drone ~0.22 m from the reference,
 and over 64 evaluation flights of seed 42 the first 10 steps (0.2 s) hold ~80% of the squared
-error: median RMSE 0.024 m over the whole flight, 0.010 m without them. Of a 74 s run, the PPO updates took 43 s, the simulation 17 s,
-imports 4 s, building the envs and compiling 3.4 s, the final evaluation 4.9 s.
-The former course shape (15 epochs x 16 minibatches, 1M steps, one torch thread) took 106 s for
+error: median RMSE 0.024 m over the whole flight, 0.010 m without them
+(experiments/drone_start.py). Of a 74 s run, the PPO updates took 43 s, the simulation 17 s,
+imports 4 s, building the envs and compiling 3.4 s, the final evaluation 4.9 s. The former
+course shape (15 epochs x 16 minibatches, 1M steps, one torch thread) took 106 s for
 473.7 and 0.029 m (RMSE 0.053 m) on a slower day; 10 x 8 at 1M steps took 60 s for 473.4 and
 0.029 m (RMSE 0.046 m).
 Training crashes on a plateau for ~500-600k steps, then switches to clean flight within a few
@@ -1252,5 +1253,5 @@ class Run:
 if __name__ == "__main__":
     main(parse_args())
     # Spare the interpreter's exit a garbage collection over the ~170k objects torch created at
-    # import (~0.4 s, a tenth of a run that stops solved): the process ends, the OS frees it all.
+    # import (~0.4 s): the process ends, and the OS frees its memory all at once.
     gc.freeze()

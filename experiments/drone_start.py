@@ -123,6 +123,10 @@ def fly_checkpoint(path: str, drones: int) -> np.ndarray:
     return np.array(distances)
 
 
+def first_steps(mean_distances: np.ndarray) -> str:
+    return "  mean distance after steps 1-20 (m): " + " ".join(f"{d:.3f}" for d in mean_distances[:20])
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", help="a ppo_drone.py checkpoint (figure-eight) to fly")
@@ -139,12 +143,12 @@ def main(argv: list[str] | None = None) -> None:
     distances, _ = ideal_flights(*random_starts(args.starts, args.seed), args.horizon)
     print(f"ideal point mass (|a + g| <= {MAX_THRUST_ACCELERATION:.1f} m/s^2), {args.starts} random starts:")
     print(f"  full-episode RMSE, median {np.median(episode_rmse(distances)):.4f} m")
-    print("  mean distance after steps 1-20 (m): " + " ".join(f"{d:.3f}" for d in distances.mean(0)[:20]))
+    print(first_steps(distances.mean(0)))
     if not args.checkpoint:
         return
     flown = fly_checkpoint(args.checkpoint, args.drones)
     print(f"{args.checkpoint}, {args.drones} evaluation drones:")
-    print("  mean distance after steps 1-20 (m): " + " ".join(f"{d:.3f}" for d in np.nanmean(flown, 1)[:20]))
+    print(first_steps(np.nanmean(flown, 1)))
     for skipped in [skipped for skipped in (0, 5, 10, 20, 50) if skipped < len(flown)]:
         rmse = np.sqrt(np.nanmean(flown[skipped:] ** 2, axis=0))
         print(f"  RMSE without the first {skipped:2d} steps, median over drones {np.median(rmse):.4f} m")
