@@ -165,3 +165,45 @@ def test_the_copy_check_refuses_a_copy_of_a_copy():
     copy = copy_of(FAIL_BODY)
     problems = copy_problems({"a.py": ORIGIN, "b.py": copy, "c.py": copy.replace("a.py", "b.py")})
     assert len(problems) == 1 and "is itself a copy" in problems[0], problems
+
+
+def fix_copies(sources: dict[str, str]) -> dict[str, str]:
+    """`sources` with every marked copy replaced by its origin's current text (copies of copies and
+    markers that name nothing are left for the check to report)."""
+    fixed = {}
+    for script, source in sources.items():
+        lines = source.splitlines()
+        definitions = top_level_definitions(source)
+        starts = {first: name for name, (first, _) in definitions.items()}
+        # From the bottom up, so that replacing one copy does not move the lines of those above it.
+        for marker_line, origin, name in reversed(marked_copies(source)):
+            if starts.get(marker_line + 1) != name or origin == script or origin not in sources:
+                continue
+            origin_definitions = top_level_definitions(sources[origin])
+            if name not in origin_definitions:
+                continue
+            origin_first, origin_last = origin_definitions[name]
+            first, last = definitions[name]
+            lines[first - 1 : last] = sources[origin].splitlines()[origin_first - 1 : origin_last]
+        fixed[script] = "\n".join(lines) + "\n"
+    return fixed
+
+
+def test_fix_copies_makes_drifted_copies_identical():
+    drifted = copy_of(FAIL_BODY.replace("exit(2)", "exit(1)"))
+    fixed = fix_copies({"a.py": ORIGIN, "b.py": drifted})
+    assert copy_problems(fixed) == []
+    assert fixed["b.py"] == copy_of(FAIL_BODY)
+
+
+if __name__ == "__main__":
+    # `python tests/test_copies.py --fix`: rewrite every marked copy from its origin, as
+    # transformers' `make fix-copies` does; the test above then passes.
+    import sys
+
+    if sys.argv[1:] != ["--fix"]:
+        sys.exit("usage: python tests/test_copies.py --fix")
+    for script, text in fix_copies(read_scripts()).items():
+        if text != (ROOT / script).read_text():
+            (ROOT / script).write_text(text)
+            print(f"rewrote the marked copies in {script}")
