@@ -41,6 +41,7 @@ from tqdm import tqdm
 CHECKPOINT_KIND = "ppo-discrete-mlp/3"
 # Earlier kinds with the same network: evaluated, but not resumed (their optimiser state differs).
 EVALUATED_KINDS = ("ppo-discrete-mlp/2",)
+CHECKPOINT_SUFFIX = ".pt"
 
 
 @dataclass
@@ -656,7 +657,9 @@ def evaluate_checkpoint(args: Args) -> None:
                                    video_folder=video)}  # fmt: skip
 
     if Path(args.eval_checkpoint).is_dir():
-        evaluate_checkpoint_folder(args.eval_checkpoint, load, play, ".pt", "environment steps")
+        evaluate_checkpoint_folder(
+            args.eval_checkpoint, load, play, CHECKPOINT_SUFFIX, "environment steps"
+        )
         return
     checkpoint = load(args.eval_checkpoint)
     video = f"videos/{checkpoint['run_name']}/eval-checkpoint" if args.capture_video else None
@@ -721,7 +724,7 @@ class Run:
             self.name = f"{env_name}__{args.exp_name}__{args.seed}__{int(time.time())}"
             self.start_step = 0
         self.dir = Path("runs") / self.name
-        self.checkpoint_path = self.dir / f"{args.exp_name}.pt"
+        self.checkpoint_path = self.dir / f"{args.exp_name}{CHECKPOINT_SUFFIX}"
         # Before anything renders: SDL (pygame) installs signal handlers of its own when it starts,
         # which would swallow SIGTERM, unless this hint tells it not to.
         self.signum, self.evaluating = None, False
@@ -781,7 +784,7 @@ class Run:
         scalars: dict[str, float],
         state: Callable[[], dict],
         finite: bool = True,
-        histograms: dict[str, torch.Tensor] | None = None,
+        histograms: dict | None = None,
     ) -> bool:
         """Once per iteration: stop on a non-finite loss (the state saved for inspection, exit 1),
         log every --log-interval steps, move the progress bar, checkpoint every --checkpoint-freq
