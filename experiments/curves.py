@@ -6,9 +6,11 @@
 
 Every (script, seed) pair is one subprocess, `python <script>.py --seed S` with the script's default
 settings (`--total-timesteps` overrides the budget for a quick look; flags after `--` go to every
-run), in its own working directory `<out>/runs/<script>/seed-<S>/`. As many run at once as
-`--jobs` says (default: one per core), under a progress bar. The tool then reads the TensorBoard
-scalars each run wrote and writes into `--out`:
+run), in its own working directory `<out>/runs/<script>/seed-<S>/`. A rerun into the same `--out`
+starts clean: that folder is emptied first, so an earlier run of the same script and seed is
+replaced, never mixed in (the tool prints which runs it replaces). As many run at once as `--jobs`
+says (default: one per core), under a progress bar. The tool then reads the TensorBoard scalars
+each run wrote and writes into `--out`:
 
 - `<script>.png`: the training return against environment steps and against wall-clock seconds
   since the process started. Each seed's episodes are smoothed by the mean of its last 20
@@ -39,6 +41,7 @@ import argparse
 import csv
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -141,9 +144,17 @@ def command_for(args: argparse.Namespace, script: str, seed: int, workdir: Path)
     return command + args.extra
 
 
+def workdir_of(args: argparse.Namespace, script: str, seed: int) -> Path:
+    return args.out / "runs" / script / f"seed-{seed}"
+
+
 def run_one(args: argparse.Namespace, script: str, seed: int) -> RunResult:
-    workdir = args.out / "runs" / script / f"seed-{seed}"
-    workdir.mkdir(parents=True, exist_ok=True)
+    workdir = workdir_of(args, script, seed)
+    # Start clean: everything below is read back recursively, so an earlier run's event files left
+    # here would be read as this run's (its evaluation episodes twice, curves restarting at 0).
+    if workdir.exists():
+        shutil.rmtree(workdir)
+    workdir.mkdir(parents=True)
     result = RunResult(script, seed, workdir)
     env = {**os.environ, "WANDB_MODE": os.environ.get("WANDB_MODE", "offline")}
     result.launched = time.time()
@@ -380,6 +391,13 @@ def main(argv: list[str] | None = None) -> int:
     jobs = [(script, seed) for script in args.scripts for seed in args.seeds]
     if args.peers:
         jobs += [(PEERS[script], seed) for script in args.scripts if script in PEERS for seed in args.seeds]
+    earlier = [f"{script} seed {seed}" for script, seed in jobs if workdir_of(args, script, seed).exists()]
+    if earlier:
+        runs = "run" if len(earlier) == 1 else "runs"
+        print(
+            f"replacing the earlier {runs} in --out of {', '.join(earlier)}: "
+            f"every run starts in an emptied folder under {args.out / 'runs'}"
+        )
     results: list[RunResult] = []
     with ThreadPoolExecutor(max_workers=args.jobs) as pool, tqdm(total=len(jobs), unit="run") as progress:
         futures = [pool.submit(run_one, args, script, seed) for script, seed in jobs]

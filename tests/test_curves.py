@@ -127,3 +127,25 @@ def test_a_failing_run_is_reported_and_the_others_still_plot(tmp_path, monkeypat
     assert rows["2"]["error"].startswith("exit status 3") and rows["1"]["error"] == ""
     assert float(rows["1"]["eval_return"]) > 0
     assert "2: failed" in (out / "results.md").read_text()
+
+
+def test_a_rerun_into_the_same_out_replaces_the_earlier_run_and_says_so(tmp_path, capsys):
+    curves = load_curves()
+    out = tmp_path / "out"
+    argv = ["--scripts", "qlearning_cartpole", "--seeds", "1", "--total-timesteps", "2000", "--out", str(out)]
+    assert curves.main([*argv, "--", "--eval-episodes", "3"]) == 0
+    assert "replacing" not in capsys.readouterr().out
+    assert curves.main([*argv, "--", "--eval-episodes", "2"]) == 0
+    printed = capsys.readouterr().out
+
+    # The table is the second run's evaluation alone (2 episodes, not 3 + 2), read here from the
+    # events of the one run left in the folder.
+    (row,) = read_rows(out)
+    runs = out / "runs" / "qlearning_cartpole" / "seed-1" / "runs"
+    events = sorted(runs.rglob("events.out.tfevents.*"))
+    assert len(events) == 1, events
+    returns = [value for _, value in read_scalars(events[0].parent)["eval/episodic_return"]]
+    assert len(returns) == 2
+    assert float(row["eval_return"]) == pytest.approx(np.mean(returns))
+    assert float(row["eval_return_std"]) == pytest.approx(np.std(returns))
+    assert "replacing the earlier run in --out of qlearning_cartpole seed 1" in printed, printed
