@@ -22,11 +22,13 @@ each run wrote and writes into `--out`:
 - `results.md` and `results.csv`: per script the final evaluation, mean ± std over seeds of each
   seed's mean, with every seed's value; environment steps, wall time of the whole process (as the
   tool measured it from launch to exit) and steps/s; pipes for dqn_flappy, tracking error and RMSE
-  for ppo_drone. `results.csv` has one row per run.
+  for ppo_drone. `results.csv` has one row per run. The steps are the run's final step, as its
+  summary line on stdout says (`done: <step> steps in <seconds>s (...`, the last line every script
+  prints for a finished run); a run that printed none gets no steps and a warning, not a guess.
 
 `--peers` adds the Stable-Baselines3 counterparts where they run here: SB3 PPO beside ppo_cartpole
 and SB3 A2C beside actor_critic, each with the RL-Zoo settings for CartPole-v1 and the same seeds,
-run by this file in a child process that writes the same TensorBoard scalars.
+run by this file in a child process that writes the same TensorBoard scalars and summary line.
 
 The runs share the cores when --jobs is above 1: wall times and steps/s are those of runs that ran
 side by side, as the table's header says. Bad input (an unknown script, an empty seed list, an
@@ -41,6 +43,7 @@ import argparse
 import csv
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -59,6 +62,8 @@ CPU_SCRIPTS = SCRIPTS[:-1]  # the default: those that train on a CPU in minutes
 PEERS = {"ppo_cartpole": "sb3_ppo", "actor_critic": "sb3_a2c"}
 PEER_BUDGETS = {"sb3_ppo": 100_000, "sb3_a2c": 500_000}  # RL-Zoo's n_timesteps for CartPole-v1
 WINDOW = 20  # training returns are smoothed by the mean of the last WINDOW episodes
+# The summary line every script prints last for a finished run: its final step and its time.
+SUMMARY_LINE = re.compile(r"^done: (\d+) steps in [0-9.]+s \(", re.MULTILINE)
 GRID_POINTS = 200
 # A third panel where a script logs a curve of its own: (scalar, axis label).
 EXTRA_CURVES = {
@@ -130,6 +135,7 @@ class RunResult:
     workdir: Path
     wall: float = 0.0
     launched: float = 0.0
+    final_step: int | None = None  # from the run's summary line; None where it printed none
     error: str | None = None
     scalars: dict[str, list[tuple[int, float, float]]] = field(default_factory=dict)  # step, time, value
 
@@ -169,7 +175,14 @@ def run_one(args: argparse.Namespace, script: str, seed: int) -> RunResult:
             result.error = f"exit status {process.returncode}: {tail}"
             return result
     result.scalars = read_scalars(workdir)
+    result.final_step = reported_final_step((workdir / "stdout.log").read_text())
     return result
+
+
+def reported_final_step(stdout: str) -> int | None:
+    """The final step a finished run states on its summary line, or None if it printed none."""
+    steps = SUMMARY_LINE.findall(stdout)
+    return int(steps[-1]) if steps else None
 
 
 def read_scalars(workdir: Path) -> dict[str, list[tuple[int, float, float]]]:
@@ -199,6 +212,7 @@ def peer_child(name: str, seed: int, budget: int) -> None:
     from stable_baselines3.common.env_util import make_vec_env
     from torch.utils.tensorboard import SummaryWriter
 
+    started = time.time()
     torch.set_num_threads(1)  # as our CartPole scripts: faster for these small networks
     writer = SummaryWriter(f"runs/CartPole-v1__{name}__{seed}")
 
@@ -221,6 +235,7 @@ def peer_child(name: str, seed: int, budget: int) -> None:
     model.learn(total_timesteps=budget, callback=LogEpisodes())
     # The final evaluation, as our scripts do it: 10 greedy episodes on seeds seed + 10000 + i.
     env = make_vec_env("CartPole-v1", n_envs=1)
+    returns = []
     for episode in range(10):
         env.seed(seed + 10_000 + episode)
         obs, total, done = env.reset(), 0.0, False
@@ -229,7 +244,14 @@ def peer_child(name: str, seed: int, budget: int) -> None:
             obs, reward, dones, _ = env.step(action)
             total, done = total + float(reward[0]), bool(dones[0])
         writer.add_scalar("eval/episodic_return", total, episode)
+        returns.append(total)
     writer.close()
+    # The summary line of our scripts, which the parent reads the run's final step from.
+    elapsed = time.time() - started
+    print(
+        f"done: {model.num_timesteps} steps in {elapsed:.1f}s ({model.num_timesteps / elapsed:.0f} "
+        f"steps/s); eval return {np.mean(returns):.2f} ± {np.std(returns):.2f} over 10 episodes"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -322,11 +344,10 @@ def table_rows(runs: list[RunResult]) -> list[dict]:
     for run in runs:
         row = {"script": run.script, "seed": run.seed, "wall_s": round(run.wall, 3), "error": run.error or ""}
         if run.error is None:
-            steps = max(
-                (points[-1][0] for key, points in run.scalars.items() if key.startswith("charts/")), default=0
-            )
+            steps = run.final_step
+            row["steps"] = steps
+            row["steps_per_s"] = round(steps / run.wall, 1) if steps is not None and run.wall else None
             returns = eval_values(run, "eval/episodic_return")
-            row.update(steps=steps, steps_per_s=round(steps / run.wall, 1) if run.wall else None)
             row["eval_return"] = float(np.mean(returns)) if returns else None
             row["eval_return_std"] = float(np.std(returns)) if returns else None
             for key, _ in EXTRA_EVALS.get(run.script, ()):
@@ -367,6 +388,9 @@ def write_table(rows: list[dict], args: argparse.Namespace) -> None:
         per_seed = ", ".join(f"{row['seed']}: {fmt(row['eval_return'])}" for row in done)
         per_seed += "".join(f", {row['seed']}: failed" for row in failed)
         more = []
+        unknown_steps = [str(row["seed"]) for row in done if row["steps"] is None]
+        if unknown_steps:
+            more.append(f"steps not reported: seed {', '.join(unknown_steps)}")
         for key, name in EXTRA_EVALS.get(script, ()):
             values = [row.get(key) for row in done if row.get(key) is not None]
             if values:
@@ -409,6 +433,12 @@ def main(argv: list[str] | None = None) -> int:
     for result in results:
         if result.error:
             print(f"error: {result.script} seed {result.seed} failed ({result.error})", file=sys.stderr)
+        elif result.final_step is None:
+            print(
+                f"warning: {result.script} seed {result.seed} printed no `done: <step> steps` line; "
+                "its steps and steps/s are left blank",
+                file=sys.stderr,
+            )
 
     for script in args.scripts:
         runs = [run for run in results if run.script in (script, PEERS.get(script))]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 
@@ -39,6 +40,13 @@ def read_rows(out) -> list[dict]:
         return list(csv.DictReader(file))
 
 
+def reported_final_step(workdir) -> int:
+    """The step of the summary line a finished run prints last: `done: <step> steps in <s>s (`."""
+    steps = re.findall(r"^done: (\d+) steps in [0-9.]+s \(", (workdir / "stdout.log").read_text(), re.M)
+    assert len(steps) == 1, (workdir / "stdout.log").read_text()[-2000:]
+    return int(steps[0])
+
+
 def test_two_scripts_two_seeds_and_the_peer_are_plotted_and_tabled_from_their_scalars(tmp_path):
     out = tmp_path / "out"
     result = run_tool(
@@ -53,14 +61,16 @@ def test_two_scripts_two_seeds_and_the_peer_are_plotted_and_tabled_from_their_sc
         (script, seed) for script in ("ppo_cartpole", "qlearning_cartpole", "sb3_ppo") for seed in ("1", "2")
     )
     for row in rows:
-        # The table's figures are the run's own TensorBoard scalars, read here independently.
-        scalars = read_scalars(out / "runs" / row["script"] / f"seed-{row['seed']}" / "runs")
+        # The table's figures are the run's own TensorBoard scalars and summary line, read here
+        # independently.
+        workdir = out / "runs" / row["script"] / f"seed-{row['seed']}"
+        scalars = read_scalars(workdir / "runs")
         returns = [value for _, value in scalars["eval/episodic_return"]]
         assert float(row["eval_return"]) == pytest.approx(np.mean(returns))
         assert float(row["eval_return_std"]) == pytest.approx(np.std(returns))
-        last_step = max(points[-1][0] for key, points in scalars.items() if key.startswith("charts/"))
-        assert int(row["steps"]) == last_step
-        assert float(row["steps_per_s"]) == pytest.approx(last_step / float(row["wall_s"]), rel=0.02)
+        final_step = reported_final_step(workdir)
+        assert int(row["steps"]) == final_step
+        assert float(row["steps_per_s"]) == pytest.approx(final_step / float(row["wall_s"]), rel=0.02)
         assert row["error"] == ""
     ours = [row for row in rows if row["script"] == "ppo_cartpole"]
     assert all(int(row["steps"]) == 2048 for row in ours)  # the budget given on the command line
@@ -127,6 +137,34 @@ def test_a_failing_run_is_reported_and_the_others_still_plot(tmp_path, monkeypat
     assert rows["2"]["error"].startswith("exit status 3") and rows["1"]["error"] == ""
     assert float(rows["1"]["eval_return"]) > 0
     assert "2: failed" in (out / "results.md").read_text()
+
+
+def test_steps_are_the_final_step_each_run_reports_not_its_last_logged_scalar(tmp_path):
+    curves = load_curves()
+    out = tmp_path / "out"
+    argv = ["--scripts", "actor_critic", "--seeds", "1", "--total-timesteps", "2000", "--out", str(out)]
+    assert curves.main([*argv, "--", "--eval-episodes", "2"]) == 0
+    workdir = out / "runs" / "actor_critic" / "seed-1"
+    final_step = reported_final_step(workdir)
+    scalars = read_scalars(workdir / "runs")
+    last_logged = max(points[-1][0] for key, points in scalars.items() if key.startswith("charts/"))
+    assert last_logged < final_step  # this run's last episode ended before its last step
+    (row,) = read_rows(out)
+    assert int(row["steps"]) == final_step
+    assert float(row["steps_per_s"]) == pytest.approx(final_step / float(row["wall_s"]), rel=0.02)
+
+
+def test_a_run_without_its_summary_line_has_no_steps_and_says_so(tmp_path, monkeypatch, capsys):
+    curves = load_curves()
+    silent = [sys.executable, "-c", "print('trained, but no summary line')"]
+    monkeypatch.setattr(curves, "command_for", lambda args, script, seed, workdir: silent)
+    out = tmp_path / "out"
+    assert curves.main(["--scripts", "qlearning_cartpole", "--seeds", "1", "--out", str(out)]) == 0
+    (row,) = read_rows(out)
+    assert row["steps"] == "" and row["steps_per_s"] == "" and row["error"] == ""
+    err = capsys.readouterr().err
+    assert "qlearning_cartpole seed 1 printed no `done: <step> steps` line" in err, err
+    assert "steps not reported: seed 1" in (out / "results.md").read_text()
 
 
 def test_a_rerun_into_the_same_out_replaces_the_earlier_run_and_says_so(tmp_path, capsys):
