@@ -76,7 +76,7 @@ from tqdm import tqdm
 
 # Checkpoints say what they hold by this kind, not by the file name, so a renamed copy of this
 # script still loads its own checkpoints.
-CHECKPOINT_KIND = "dqn/2"
+CHECKPOINT_KIND = "dqn/3"
 
 
 @dataclass
@@ -442,12 +442,15 @@ def main(args: Args) -> None:
         evaluate_checkpoint(args)
         return
     checkpoint = load_checkpoint(args.resume) if args.resume else None
+    # The best network of the periodic greedy evaluations: the agent the run delivers.
     if checkpoint is not None:
         check_settings(args, checkpoint["args"], RESUME_MAY_CHANGE)
         run_name, global_step = checkpoint["run_name"], checkpoint["global_step"]
+        best = resumed_best(checkpoint["best"], args, args.resume)
     else:
         run_name = f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"
         global_step = 0
+        best = fresh_best(args)
     # A resumed run reseeds with an offset so it does not replay the random stream of its start.
     seed = args.seed + global_step // args.num_envs
     seed_everything(seed, args.torch_deterministic)
@@ -488,10 +491,6 @@ def main(args: Args) -> None:
     # True where the env's observation is the last of its episode: its next step is the autoreset.
     final = np.zeros(args.num_envs, dtype=np.bool_)
     stats = {}
-    # The best network of the periodic greedy evaluations: the agent the run delivers.
-    best = (
-        checkpoint["best"] if checkpoint is not None else {"mean_return": -np.inf, "step": 0, "model": None}
-    )
     for iteration in range(global_step // args.num_envs + 1, args.num_iterations + 1):
         # Act epsilon-greedily in every env and store the step.
         epsilon = linear_schedule(args.start_epsilon, args.end_epsilon, args.exploration_steps, global_step)
@@ -788,8 +787,9 @@ def keep_if_best(best: dict, q_network: QNetwork, args: Args, global_step: int, 
     """A periodic greedy evaluation: keep a copy of the network in `best` if it beats the best."""
     if args.eval_freq == 0:
         return
-    seed = args.seed + PERIODIC_EVAL_SEED_OFFSET + global_step
-    returns, scores = evaluate(q_network, args, args.eval_episodes, seed, device)
+    episodes = periodic_eval_episodes(args)
+    seed = episodes["seed_base"] + global_step
+    returns, scores = evaluate(q_network, args, episodes["episodes"], seed, device)
     greedy = {"charts/greedy_return": returns.mean()}
     if not np.isnan(scores).any():
         greedy["charts/greedy_score"] = scores.mean()
@@ -797,6 +797,56 @@ def keep_if_best(best: dict, q_network: QNetwork, args: Args, global_step: int, 
     if returns.mean() > best["mean_return"]:
         model = {name: tensor.detach().clone() for name, tensor in q_network.state_dict().items()}
         best.update(mean_return=float(returns.mean()), step=global_step, model=model)
+
+
+def periodic_eval_episodes(args: Args) -> dict:
+    """What the mean return of a periodic evaluation is a mean over: the env and its time limit,
+    the number of episodes and their seeds (episode i of the evaluation at step s is seeded
+    seed_base + s + i). Two means decide which network is better only when all of it is equal."""
+    return {
+        "env_id": args.env_id,
+        "max_episode_steps": args.max_episode_steps,
+        "episodes": args.eval_episodes,
+        "seed_base": args.seed + PERIODIC_EVAL_SEED_OFFSET,
+    }
+
+
+def fresh_best(args: Args) -> dict:
+    """No network kept yet (any evaluation beats it), and the episodes the best will be scored on,
+    so that a resumed run can tell whether its own evaluations compare with it."""
+    return {
+        "mean_return": -np.inf,
+        "step": 0,
+        "model": None,
+        "scored_on": periodic_eval_episodes(args),
+    }
+
+
+def resumed_best(saved_best: dict, args: Args, path: str) -> dict:
+    """The best network a resumed run goes on from: the checkpoint's when this run's periodic
+    evaluations play the episodes it was scored on, else a fresh start, said in a note on stderr.
+    --eval-freq 0 promises the last network, so it drops the saved best too."""
+    best = fresh_best(args)
+    if saved_best["model"] is None:
+        return best
+    saved = f"the best network of {path} (step {saved_best['step']})"
+    if args.eval_freq == 0:
+        print(f"note: --eval-freq 0 delivers the last network, not {saved}", file=sys.stderr)
+        return best
+    then, now = saved_best["scored_on"], best["scored_on"]
+    changed = ", ".join(
+        f"{name} {then.get(name)!r} then, {value!r} now"
+        for name, value in now.items()
+        if then.get(name) != value
+    )
+    if changed:
+        print(
+            f"note: {saved} was scored on other evaluation episodes ({changed}); "
+            "this run starts the best afresh",
+            file=sys.stderr,
+        )
+        return best
+    return saved_best
 
 
 def load_delivered(q_network: QNetwork, best: dict) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import signal
 import sys
+from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
@@ -254,7 +255,7 @@ def test_the_best_periodic_evaluation_keeps_its_network(monkeypatch):
         return np.full(episodes, mean), np.full(episodes, mean / 10)
 
     monkeypatch.setattr(dqn_flappy, "evaluate", fake_evaluate)
-    best, run = {"mean_return": -np.inf, "step": 0, "model": None}, RecordingRun()
+    best, run = dqn_flappy.fresh_best(args), RecordingRun()
     kept = {}
     for step in (1000, 2000, 3000):
         with torch.no_grad():
@@ -274,7 +275,7 @@ def test_the_best_periodic_evaluation_keeps_its_network(monkeypatch):
     dqn_flappy.load_delivered(q_network, best)
     assert all(torch.equal(q_network.state_dict()[name], tensor) for name, tensor in kept[2000].items())
     # Without periodic evaluations nothing is kept, and the last network is delivered.
-    none = {"mean_return": -np.inf, "step": 0, "model": None}
+    none = dqn_flappy.fresh_best(args)
     args.eval_freq = 0
     dqn_flappy.keep_if_best(none, q_network, args, 4000, torch.device("cpu"), run)
     assert none["model"] is None and len(seeds) == 3
@@ -314,7 +315,15 @@ def test_smoke_run_logs_every_key_and_eval_checkpoint_repeats_its_evaluation(run
         "optimizer",
         "best",
     }
-    assert state["kind"] == "dqn/2" and state["env_id"] == "FlappyBird-v0" and state["global_step"] == 1200
+    assert state["kind"] == "dqn/3" and state["env_id"] == "FlappyBird-v0"
+    assert state["global_step"] == 1200
+    # The best keeps what its mean return is a mean over, so that a resume can tell if it compares.
+    assert state["best"]["scored_on"] == {
+        "env_id": "FlappyBird-v0",
+        "max_episode_steps": 200,
+        "episodes": 2,
+        "seed_base": 1 + dqn_flappy.PERIODIC_EVAL_SEED_OFFSET,
+    }
     last = result.stdout.strip().splitlines()[-1]
     assert last.startswith("done: 1200 steps") and "over 2 episodes, pipes " in last
 
@@ -574,7 +583,7 @@ def test_bad_checkpoints_exit_2_with_one_line(in_tmp, capsys):
         ("text.pt",): "not a readable checkpoint",
         ("list.pt",): "not a checkpoint of this project",
         ("unnamed.pt",): "not a checkpoint of this project",
-        ("other.pt",): "holds a ppo-discrete-mlp/1 checkpoint; this script trains dqn/2",
+        ("other.pt",): "holds a ppo-discrete-mlp/1 checkpoint; this script trains dqn/3",
         ("empty.pt", "--no-cuda"): "does not hold a usable network",
         ("cartpole.pt", "--env-id", "FlappyBird-v0"): "--env-id is 'FlappyBird-v0' but the checkpoint was trained with 'CartPole-v1'",
         (str(checkpoint), "--obs-type", "lidar"): "--obs-type is 'lidar' but the checkpoint was trained with 'features'",
@@ -587,6 +596,77 @@ def test_bad_checkpoints_exit_2_with_one_line(in_tmp, capsys):
             lines = capsys.readouterr().err.strip().splitlines()
             assert len(lines) == 1 and message in lines[0], (flag, name, lines)
     assert len(list(in_tmp.glob("runs/*"))) == 1  # no run folder for a refused checkpoint
+
+
+# --- what a resumed run delivers ---------------------------------------------------------------
+
+
+def train_with_periodic_evals(workdir) -> Path:
+    """A tiny run whose checkpoint keeps a best network from its periodic evaluations."""
+    assert run_main(*TINY, "--eval-freq", "400") == 0
+    (checkpoint,) = workdir.glob("runs/*/dqn_flappy.pt")
+    assert torch.load(checkpoint, weights_only=True)["best"]["model"] is not None
+    return checkpoint
+
+
+def delivered_and_last(summary: str) -> tuple[str, str, str]:
+    """(what was delivered, its evaluation, the last network's evaluation) of a summary line."""
+    evaluation = r"(eval return [^;]*)"
+    match = re.search(rf"steps/s\); (.+?): {evaluation}; last network: {evaluation}", summary)
+    return match.group(1), match.group(2), match.group(3)
+
+
+def test_resume_with_eval_freq_0_delivers_the_last_network(in_tmp, capsys):
+    checkpoint = train_with_periodic_evals(in_tmp)
+    saved_best = torch.load(checkpoint, weights_only=True)["best"]
+    capsys.readouterr()
+    # Past the resumed run's refill of --learning-starts steps, so that the last network moves on.
+    assert run_main("--resume", checkpoint, "--total-timesteps", "2400", "--eval-freq", "0") == 0
+    captured = capsys.readouterr()
+    delivered, delivered_eval, last_eval = delivered_and_last(captured.out.strip().splitlines()[-1])
+    assert delivered == "last network" and delivered_eval == last_eval
+    assert (
+        f"note: --eval-freq 0 delivers the last network, not the best network of {checkpoint} "
+        f"(step {saved_best['step']})" in captured.err.splitlines()
+    )
+    state = torch.load(checkpoint, weights_only=True)
+    assert state["global_step"] == 2400 and state["best"]["model"] is None
+    # The last network is not the saved best, so that delivering the wrong one would show.
+    old_best = saved_best["model"]
+    assert any(not torch.equal(tensor, old_best[name]) for name, tensor in state["model"].items())
+    # --eval-checkpoint of what the resumed run saved evaluates the same last network.
+    assert run_main("--eval-checkpoint", checkpoint) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith("last network: ") and final_eval(line) == last_eval
+
+
+def test_resume_keeps_the_best_only_when_scored_on_the_same_episodes(in_tmp, monkeypatch, capsys):
+    checkpoint = train_with_periodic_evals(in_tmp)
+    saved_best = torch.load(checkpoint, weights_only=True)["best"]
+    copy = in_tmp / "copy.pt"
+    copy.write_bytes(checkpoint.read_bytes())
+    note = "was scored on other evaluation episodes"
+
+    # The same episodes: the saved best stays the one to beat.
+    (in_tmp / "same").mkdir()
+    monkeypatch.chdir(in_tmp / "same")
+    capsys.readouterr()
+    assert run_main("--resume", copy, "--total-timesteps", "1600") == 0
+    assert note not in capsys.readouterr().err
+    (same_path,) = (in_tmp / "same").glob("runs/*/dqn_flappy.pt")
+    kept_best = torch.load(same_path, weights_only=True)["best"]
+    assert kept_best["mean_return"] >= saved_best["mean_return"]
+
+    # Means over 3 episodes do not compare with one over 2: a note, and the best starts afresh.
+    monkeypatch.chdir(in_tmp)
+    assert run_main("--resume", checkpoint, "--total-timesteps", 1600, "--eval-episodes", 3) == 0
+    notes = [line for line in capsys.readouterr().err.splitlines() if note in line]
+    assert notes == [
+        f"note: the best network of {checkpoint} (step {saved_best['step']}) {note} "
+        "(episodes 2 then, 3 now); this run starts the best afresh"
+    ]
+    best = torch.load(checkpoint, weights_only=True)["best"]
+    assert best["step"] == 1600 and best["scored_on"]["episodes"] == 3
 
 
 # --- learning --------------------------------------------------------------------------------
