@@ -77,6 +77,11 @@ from tqdm import tqdm
 # Checkpoints say what they hold by this kind, not by the file name, so a renamed copy of this
 # script still loads its own checkpoints.
 CHECKPOINT_KIND = "dqn/3"
+# Older kinds of this script whose networks still evaluate (their weights are saved the same way),
+# and why a run cannot be resumed from them.
+EVALUATED_KINDS = {
+    "dqn/2": "its best network does not record the evaluation episodes it was scored on",
+}
 
 
 @dataclass
@@ -656,6 +661,39 @@ def parse_args(argv: list[str] | None = None) -> Args:
     return tyro.cli(Args, args=argv, default=defaults)
 
 
+def older_checkpoint(path: str) -> dict | None:
+    """The checkpoint at `path` if it is of one of EVALUATED_KINDS, else None: then
+    load_checkpoint reads it, or refuses it in one line that says what is wrong."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # missing, truncated, not a checkpoint: load_checkpoint says which
+        return None
+    kind = checkpoint.get("kind") if isinstance(checkpoint, dict) else None
+    if isinstance(kind, str) and kind in EVALUATED_KINDS and "args" in checkpoint:
+        return checkpoint
+    return None
+
+
+def parse_command_line(argv: list[str] | None = None) -> Args:
+    """parse_args, after a look at a checkpoint of an older kind, which parse_args refuses (it
+    reads this kind only): --eval-checkpoint of it takes its saved settings as parse_args does,
+    --resume of it fails in one line that says why."""
+    given = tyro.cli(Args, args=argv)
+    path = given.resume or given.eval_checkpoint
+    older = older_checkpoint(path) if path else None
+    if older is None:
+        return parse_args(argv)
+    if given.resume:
+        fail(
+            f"{path} is a {older['kind']} checkpoint, which cannot be resumed: "
+            f"{EVALUATED_KINDS[older['kind']]}; evaluate it with --eval-checkpoint"
+        )
+    known = {field.name for field in fields(Args)}
+    defaults = Args(**{name: value for name, value in older["args"].items() if name in known})
+    defaults.resume = defaults.eval_checkpoint = None
+    return tyro.cli(Args, args=argv, default=defaults)
+
+
 # What an explicit flag may change when resuming: the budget, logging, tracking, where it runs.
 RESUME_MAY_CHANGE = {
     "total_timesteps",
@@ -866,7 +904,8 @@ def describe_eval(returns: np.ndarray, scores: np.ndarray) -> str:
 def evaluate_checkpoint(args: Args) -> None:
     """--eval-checkpoint: rebuild the network from the saved args and run the greedy policy with
     the seed of the end-of-training evaluation, so that both print the same figures."""
-    checkpoint = load_checkpoint(args.eval_checkpoint)
+    # A checkpoint of an older kind evaluates too: its networks are saved as they are today.
+    checkpoint = older_checkpoint(args.eval_checkpoint) or load_checkpoint(args.eval_checkpoint)
     check_settings(args, checkpoint["args"], may_change=set(checkpoint["args"]) - MODEL_SETTINGS)
     device = pick_device(args.cuda, args.torch_threads)
     q_network = build_q_network(args, device)
@@ -1053,7 +1092,7 @@ class Run:
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    main(parse_command_line())
     # Spare the interpreter's exit a garbage collection over the ~170k objects torch created at
     # import (~0.4 s): the process ends, and the OS frees its memory all at once.
     gc.freeze()

@@ -194,7 +194,7 @@ def in_tmp(tmp_path, monkeypatch):
 def run_main(*argv) -> int:
     """`python dqn_flappy.py *argv` inside this process; returns the exit status."""
     try:
-        dqn_flappy.main(dqn_flappy.parse_args([str(arg) for arg in argv]))
+        dqn_flappy.main(dqn_flappy.parse_command_line([str(arg) for arg in argv]))
     except SystemExit as exit_:
         return exit_.code
     return 0
@@ -667,6 +667,29 @@ def test_resume_keeps_the_best_only_when_scored_on_the_same_episodes(in_tmp, mon
     ]
     best = torch.load(checkpoint, weights_only=True)["best"]
     assert best["step"] == 1600 and best["scored_on"]["episodes"] == 3
+
+
+def test_a_checkpoint_of_the_older_kind_evaluates_but_does_not_resume(in_tmp, capsys):
+    assert run_main(*TINY) == 0
+    final = final_eval(capsys.readouterr().out.strip().splitlines()[-1])
+    (checkpoint,) = in_tmp.glob("runs/*/dqn_flappy.pt")
+    saved = torch.load(checkpoint, weights_only=True)
+    # A dqn/2 checkpoint held the same networks; its best did not record what it was scored on.
+    older_best = {key: value for key, value in saved["best"].items() if key != "scored_on"}
+    older = in_tmp / "older.pt"
+    torch.save({**saved, "kind": "dqn/2", "best": older_best}, older)
+
+    assert run_main("--eval-checkpoint", older) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith(f"best network (step {saved['best']['step']}): ")
+    assert final_eval(line) == final and line.endswith(f"; checkpoint {older}")
+
+    assert run_main("--resume", older) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: {older} is a dqn/2 checkpoint, which cannot be resumed: its best network does not "
+        "record the evaluation episodes it was scored on; evaluate it with --eval-checkpoint"
+    ]
+    assert len(list(in_tmp.glob("runs/*"))) == 1  # the refused resume started no run
 
 
 # --- learning --------------------------------------------------------------------------------
