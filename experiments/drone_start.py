@@ -9,12 +9,13 @@ reference starts at (0, 0, 1) m and moves off at ~0.9 m/s. The full-episode RMSE
 reports (`eval/tracking_rmse`) counts those first steps with the rest.
 
 - The bound: an ideal point mass with the drone's thrust limit (|a + g| <= 4 x thrust_max x
-  cmd_f_coef / mass, ~15 m/s^2, the thrust pointed anywhere at once: no attitude dynamics), controlled
-  at the env's 50 Hz from the same random starts. Per start, the accelerations that minimise the sum
-  of squared distances over the first `--horizon` steps are found by projected gradient descent
-  (FISTA); every later step is taken as on the reference. The RMSE of that flight over the whole
-  episode is a lower bound for any policy flying the real drone, which must also tilt to turn its
-  thrust. Printed: its median over the starts, and the mean distance at each of the first steps.
+  cmd_f_coef / mass, ~15 m/s^2, the thrust pointed anywhere at once: no attitude dynamics),
+  controlled at the env's 50 Hz from the same random starts. Per start, the accelerations that
+  minimise the sum of squared distances over the first `--horizon` steps are found by projected
+  gradient descent (FISTA); every later step is taken as on the reference. The RMSE of that flight
+  over the whole episode is a lower bound for any policy flying the real drone, which must also tilt
+  to turn its thrust. Printed: its median over the starts, and the mean distance at each of the
+  first steps.
 - `--checkpoint`: the checkpoint's deterministic policy flies `--drones` evaluation drones (the
   seed of its final evaluation, its own observation statistics); printed: the mean distance at each
   of the first steps and the median over drones of the RMSE over the whole flight and without its
@@ -90,7 +91,8 @@ def ideal_flights(
 
 
 def episode_rmse(first_distances: np.ndarray, later_distance: float = 0.0) -> np.ndarray:
-    """RMSE over a whole episode of the given first distances, every later step at `later_distance`."""
+    """RMSE over a whole episode of the given first distances, every later step at
+    `later_distance`."""
     later_steps = EPISODE_STEPS - first_distances.shape[1]
     return np.sqrt(((first_distances**2).sum(1) + later_steps * later_distance**2) / EPISODE_STEPS)
 
@@ -103,7 +105,9 @@ def fly_checkpoint(path: str, drones: int) -> np.ndarray:
     sys.path.insert(0, str(ROOT))
     import ppo_drone
 
-    args = ppo_drone.parse_args(["--eval-checkpoint", path, "--num-eval-envs", str(drones), "--no-cuda"])
+    args = ppo_drone.parse_args(
+        ["--eval-checkpoint", path, "--num-eval-envs", str(drones), "--no-cuda"]
+    )
     checkpoint = ppo_drone.load_checkpoint(path)
     device = ppo_drone.pick_device(False, args.torch_threads)
     envs = ppo_drone.make_envs(args, drones, ppo_drone.pick_jax_device(device), device)
@@ -124,16 +128,22 @@ def fly_checkpoint(path: str, drones: int) -> np.ndarray:
 
 
 def first_steps(mean_distances: np.ndarray) -> str:
-    return "  mean distance after steps 1-20 (m): " + " ".join(f"{d:.3f}" for d in mean_distances[:20])
+    return "  mean distance after steps 1-20 (m): " + " ".join(
+        f"{d:.3f}" for d in mean_distances[:20]
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", help="a ppo_drone.py checkpoint (figure-eight) to fly")
-    parser.add_argument("--drones", type=int, default=64, help="evaluation drones the checkpoint flies")
+    parser.add_argument(
+        "--drones", type=int, default=64, help="evaluation drones the checkpoint flies"
+    )
     parser.add_argument("--starts", type=int, default=1000, help="random starts of the ideal bound")
     parser.add_argument("--horizon", type=int, default=50, help="steps the ideal flights optimise")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the ideal bound's random starts")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of the ideal bound's random starts"
+    )
     args = parser.parse_args(argv)
     if args.drones < 1 or args.starts < 1 or not 1 <= args.horizon <= EPISODE_STEPS:
         parser.exit(2, "error: --drones and --starts must be >= 1, --horizon within 1..500\n")
@@ -141,7 +151,10 @@ def main(argv: list[str] | None = None) -> None:
         parser.exit(2, f"error: no checkpoint at {args.checkpoint}\n")
 
     distances, _ = ideal_flights(*random_starts(args.starts, args.seed), args.horizon)
-    print(f"ideal point mass (|a + g| <= {MAX_THRUST_ACCELERATION:.1f} m/s^2), {args.starts} random starts:")
+    print(
+        f"ideal point mass (|a + g| <= {MAX_THRUST_ACCELERATION:.1f} m/s^2), "
+        f"{args.starts} random starts:"
+    )
     print(f"  full-episode RMSE, median {np.median(episode_rmse(distances)):.4f} m")
     print(first_steps(distances.mean(0)))
     if not args.checkpoint:
@@ -151,7 +164,10 @@ def main(argv: list[str] | None = None) -> None:
     print(first_steps(np.nanmean(flown, 1)))
     for skipped in [skipped for skipped in (0, 5, 10, 20, 50) if skipped < len(flown)]:
         rmse = np.sqrt(np.nanmean(flown[skipped:] ** 2, axis=0))
-        print(f"  RMSE without the first {skipped:2d} steps, median over drones {np.median(rmse):.4f} m")
+        print(
+            f"  RMSE without the first {skipped:2d} steps, "
+            f"median over drones {np.median(rmse):.4f} m"
+        )
 
 
 if __name__ == "__main__":

@@ -59,13 +59,17 @@ class ScriptResult:
         """The run folders under runs/, oldest first."""
         runs = self.workdir / "runs"
         return (
-            sorted((p for p in runs.iterdir() if p.is_dir()), key=os.path.getmtime) if runs.exists() else []
+            sorted((p for p in runs.iterdir() if p.is_dir()), key=os.path.getmtime)
+            if runs.exists()
+            else []
         )
 
     def checkpoints(self, pattern: str = "*.pt") -> list[Path]:
-        """The runs' checkpoint files under runs/ (not the copies kept in runs/<run>/checkpoints/)."""
+        """The runs' checkpoint files under runs/, not the copies kept in runs/*/checkpoints/."""
         return sorted(
-            path for path in (self.workdir / "runs").rglob(pattern) if path.parent.name != "checkpoints"
+            path
+            for path in (self.workdir / "runs").rglob(pattern)
+            if path.parent.name != "checkpoints"
         )
 
     def values(self, tag: str) -> list[float]:
@@ -76,7 +80,10 @@ class ScriptResult:
 
     def describe(self) -> str:
         """Both output streams, for assertion messages."""
-        return f"exit {self.returncode}\n--- stdout ---\n{self.stdout[-4000:]}\n--- stderr ---\n{self.stderr[-4000:]}"
+        return (
+            f"exit {self.returncode}\n--- stdout ---\n{self.stdout[-4000:]}\n"
+            f"--- stderr ---\n{self.stderr[-4000:]}"
+        )
 
 
 def read_scalars(runs_dir: Path) -> dict[str, list[tuple[int, float]]]:
@@ -95,7 +102,9 @@ def read_scalars(runs_dir: Path) -> dict[str, list[tuple[int, float]]]:
                 if value.HasField("simple_value"):
                     scalars[value.tag].append((event.step, value.simple_value))
                 elif value.metadata.plugin_data.plugin_name == "scalars":
-                    scalars[value.tag].append((event.step, float(tensor_util.make_ndarray(value.tensor))))
+                    scalars[value.tag].append(
+                        (event.step, float(tensor_util.make_ndarray(value.tensor)))
+                    )
     return dict(scalars)
 
 
@@ -112,8 +121,9 @@ def modules_imported_by(
         "print('\\nMODULES', *sorted(sys.modules))\n"
     )
     result = subprocess.run(
-        [sys.executable, "-c", code], cwd=workdir, env={**os.environ, **HEADLESS_ENV, **(env or {})},
-        capture_output=True, text=True, timeout=600,
+        [sys.executable, "-c", code], cwd=workdir,
+        env={**os.environ, **HEADLESS_ENV, **(env or {})}, capture_output=True, text=True,
+        timeout=600,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     return set(result.stdout.rsplit("\nMODULES ", 1)[1].split())
@@ -141,7 +151,9 @@ def run_script_in(
     command = [sys.executable, str(ROOT / script), *map(str, args)]
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         # Files rather than pipes: a long run cannot block on a full pipe while we poll.
-        process = subprocess.Popen(command, cwd=workdir, env=full_env, stdout=out, stderr=err, text=True)
+        process = subprocess.Popen(
+            command, cwd=workdir, env=full_env, stdout=out, stderr=err, text=True
+        )
         deadline = time.monotonic() + timeout
         interrupted = False
         while process.poll() is None:
@@ -149,7 +161,9 @@ def run_script_in(
                 process.kill()
                 process.wait()
                 err.seek(0)
-                raise AssertionError(f"{script} {' '.join(args)} ran past {timeout}s\n{err.read()[-4000:]}")
+                raise AssertionError(
+                    f"{script} {' '.join(args)} ran past {timeout}s\n{err.read()[-4000:]}"
+                )
             if interrupt_when is not None and not interrupted and interrupt_when(workdir):
                 for index, signum in enumerate(interrupt_signals):
                     if index:
@@ -222,7 +236,9 @@ def read_wandb_runs(workdir: Path) -> list[WandbRun]:
                         key: value.get("value", value) if isinstance(value, dict) else value
                         for key, value in config.items()
                     }
-                    runs.append(WandbRun(run.run_id, run.display_name, run.run_group, config, run.resumed))
+                    runs.append(
+                        WandbRun(run.run_id, run.display_name, run.run_group, config, run.resumed)
+                    )
                     break
     return runs
 
@@ -246,9 +262,9 @@ def tensors_as_if_on_a_gpu(monkeypatch):
     Every other tensor counts as a device tensor, including one built on the CPU without a device
     (`torch.from_numpy`) and a result computed from a host copy (convert at the end instead).
     Calls from torch's model and optimizer code (`Module.to`, `Optimizer.load_state_dict`) record
-    nothing, so a model moved "to the device" stays a device tensor. Not caught, because a GPU allows them:
-    scalar reads (`.item()`, `float(t)`, `.tolist()`). Not caught either: an op that mixes a CPU
-    tensor with a device tensor (a RuntimeError on a GPU).
+    nothing, so a model moved "to the device" stays a device tensor. Not caught, because a GPU
+    allows them: scalar reads (`.item()`, `float(t)`, `.tolist()`). Not caught either: an op that
+    mixes a CPU tensor with a device tensor (a RuntimeError on a GPU).
 
     Use: request the fixture and run the script in-process (`main(parse_args([...]))`) with a
     tiny budget; any conversion that would fail on a GPU raises TypeError.

@@ -57,7 +57,9 @@ def copy_problems(sources: dict[str, str]) -> list[str]:
             where = f"{script}:{marker_line}"
             below = starts.get(marker_line + 1)
             if below != name:
-                problems.append(f"{where}: the marker names {name} but the definition below it is {below}")
+                problems.append(
+                    f"{where}: the marker names {name} but the definition below it is {below}"
+                )
                 continue
             if origin == script:
                 problems.append(f"{where}: {name} is marked as a copy of itself")
@@ -80,12 +82,17 @@ def copy_problems(sources: dict[str, str]) -> list[str]:
             origin_text = origin_lines[origin_first - 1 : origin_last]
             if copy_text != origin_text:
                 differing = next(
-                    (i for i, (a, b) in enumerate(zip(copy_text, origin_text, strict=False)) if a != b),
+                    (
+                        i
+                        for i, (a, b) in enumerate(zip(copy_text, origin_text, strict=False))
+                        if a != b
+                    ),
                     min(len(copy_text), len(origin_text)),
                 )
                 problems.append(
-                    f"{where}: {name} differs from {origin}:{origin_first} at line {first + differing} "
-                    f"of the copy ({len(copy_text)} vs {len(origin_text)} lines)"
+                    f"{where}: {name} differs from {origin}:{origin_first} "
+                    f"at line {first + differing} of the copy "
+                    f"({len(copy_text)} vs {len(origin_text)} lines)"
                 )
     return problems
 
@@ -116,7 +123,9 @@ def test_no_script_imports_another():
                 imported = {node.module.split(".")[0]}
             else:
                 continue
-            assert not imported & (modules - {Path(script).stem}), f"{script} imports {imported & modules}"
+            assert not imported & (modules - {Path(script).stem}), (
+                f"{script} imports {imported & modules}"
+            )
 
 
 ORIGIN = '''import sys
@@ -144,7 +153,10 @@ FAIL_BODY = ORIGIN.split("\n\n\n")[1].rstrip("\n") + "\n"
     [
         (copy_of(FAIL_BODY), None),
         (copy_of(FAIL_BODY.replace("exit(2)", "exit(1)")), "differs from a.py"),
-        (copy_of(FAIL_BODY.replace('    """One line on stderr, exit 2."""\n', "")), "differs from a.py"),
+        (
+            copy_of(FAIL_BODY.replace('    """One line on stderr, exit 2."""\n', "")),
+            "differs from a.py",
+        ),
         (copy_of(FAIL_BODY + "    return None\n"), "differs from a.py"),
         (copy_of(FAIL_BODY, name="missing"), "the marker names missing"),
         (copy_of(FAIL_BODY).replace("a.py", "nowhere.py"), "nowhere.py does not exist"),

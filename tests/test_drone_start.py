@@ -1,4 +1,4 @@
-"""Tests of experiments/drone_start.py: the ideal point-mass flights, then the tool on a checkpoint."""
+"""Tests of experiments/drone_start.py: ideal point-mass flights, then the tool on a checkpoint."""
 
 from __future__ import annotations
 
@@ -32,7 +32,9 @@ def test_projection_keeps_the_thrust_within_its_limit_and_feasible_accelerations
     np.testing.assert_allclose(thrust[outside], drone_start.MAX_THRUST_ACCELERATION)
     before = accelerations[outside] + [0, 0, drone_start.GRAVITY]
     after = projected[outside] + [0, 0, drone_start.GRAVITY]
-    cosine = (before * after).sum(-1) / np.linalg.norm(before, axis=-1) / np.linalg.norm(after, axis=-1)
+    cosine = (
+        (before * after).sum(-1) / np.linalg.norm(before, axis=-1) / np.linalg.norm(after, axis=-1)
+    )
     np.testing.assert_allclose(cosine, 1.0)
 
 
@@ -83,7 +85,9 @@ def run_tool(*argv: str, cwd, env=None) -> subprocess.CompletedProcess:
 def test_bad_input_exits_2_with_one_line(tmp_path, argv, message):
     result = run_tool(*argv, cwd=tmp_path)
     assert (
-        result.returncode == 2 and message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+        result.returncode == 2
+        and message in result.stderr
+        and len(result.stderr.strip().splitlines()) == 1
     )
 
 
@@ -92,10 +96,19 @@ def test_a_checkpoint_flies_its_evaluation_drones_beside_the_bound(run_script, t
         "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax-cache"),
         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
     }
-    shape = ("--num-envs", "16", "--num-steps", "16", "--num-minibatches", "4", "--update-epochs", "2")
+    shape = (
+        "--num-envs",
+        "16",
+        "--num-steps",
+        "16",
+        "--num-minibatches",
+        "4",
+        "--update-epochs",
+        "2",
+    )
     trained = run_script(
-        "ppo_drone.py", "--total-timesteps", "512", *shape, "--num-eval-envs", "16", "--eval-episodes", "3",
-        "--max-episode-time", "0.5", env=cache,
+        "ppo_drone.py", "--total-timesteps", "512", *shape, "--num-eval-envs", "16",
+        "--eval-episodes", "3", "--max-episode-time", "0.5", env=cache,
     )  # fmt: skip
     assert trained.returncode == 0, trained.describe()
     (checkpoint,) = trained.checkpoints()

@@ -33,7 +33,8 @@ def reference_gae(rewards, values, terminated, truncated, gamma, lam):
     after a step that ends an episode the next row is the autoreset step (ignored action, reward 0,
     reset observation): it is not a transition, and its advantage is returned as NaN.
     A_t = sum_k (gamma * lam)^k * delta_{t+k}, summed until (and including) the step that ends the
-    episode or the rollout, where delta_j = r_j + gamma * V(obs_{j+1}) * [not terminated_j] - V(obs_j).
+    episode or the rollout, where
+    delta_j = r_j + gamma * V(obs_{j+1}) * [not terminated_j] - V(obs_j).
     """
     steps = len(rewards)
     advantages = [float("nan")] * steps
@@ -95,7 +96,9 @@ def test_compute_gae_bootstraps_truncation_but_not_termination():
     ended = torch.tensor([[False], [True], [False]])
     gamma, lam = 0.9, 0.8
 
-    truncated_adv, _ = ppo_cartpole.compute_gae(rewards, values, torch.zeros_like(ended), ended, gamma, lam)
+    truncated_adv, _ = ppo_cartpole.compute_gae(
+        rewards, values, torch.zeros_like(ended), ended, gamma, lam
+    )
     delta1 = 1.0 + gamma * 10.0 - 0.6  # truncation: bootstrap from V(final obs)
     delta0 = 1.0 + gamma * 0.6 - 0.5
     assert truncated_adv[1, 0].item() == pytest.approx(delta1)
@@ -190,7 +193,9 @@ def test_update_skips_empty_minibatches_and_an_empty_batch():
     three = (torch.randn(3, 4), torch.tensor([0, 1, 0]), *torch.randn(4, 3))
     stats = ppo_cartpole.update(agent, optimizer, args, *three)
     assert stats.pop("finite") is True
-    assert all(np.isfinite(value) for key, value in stats.items() if key != "explained_variance"), stats
+    assert all(np.isfinite(value) for key, value in stats.items() if key != "explained_variance"), (
+        stats
+    )
     empty = (torch.zeros(0, 4), torch.zeros(0, dtype=torch.long), *torch.zeros(4, 0))
     assert ppo_cartpole.update(agent, optimizer, args, *empty) == {"finite": True}
 
@@ -241,7 +246,7 @@ def run_in_process(capsys, *argv: str) -> tuple[int, list[str]]:
 
 
 def slow_greedy_returns(agent, env_id: str, episodes: int, seed: int) -> list[float]:
-    """One env at a time: episode i is a fresh env reset with seed + i, played greedily to its end."""
+    """One env at a time: episode i, a fresh env reset with seed + i, played greedily to its end."""
     returns = []
     for episode in range(episodes):
         env = gym.make(env_id)
@@ -286,7 +291,15 @@ def test_evaluate_gives_up_at_the_first_episode_that_ends_short(uneven_agent):
 def test_training_stops_at_the_first_check_the_greedy_policy_passes(in_tmp, capsys):
     """A threshold every greedy episode reaches (CartPole episodes last at least ~8 steps) stops
     the run at its first check; --no-stop-when-solved trains the full budget."""
-    budget = ("--total-timesteps", "4096", *SHAPE, "--eval-episodes", "2", "--solved-check-freq", "512")
+    budget = (
+        "--total-timesteps",
+        "4096",
+        *SHAPE,
+        "--eval-episodes",
+        "2",
+        "--solved-check-freq",
+        "512",
+    )
     main_in_process(*budget, "--solved-return", "5")
     summary = capsys.readouterr().out.strip().splitlines()[-1]
     assert summary.startswith("done: 512 steps") and "solved at step 512;" in summary, summary
@@ -382,11 +395,19 @@ def test_checkpoint_alone_evaluates_and_resumes_with_its_own_settings(
     assert resumed.checkpoints() == [checkpoint]  # same run folder, same file
     state = torch.load(checkpoint, weights_only=True)
     assert state["global_step"] == 1024
-    assert (state["args"]["seed"], state["args"]["num_envs"], state["args"]["hidden_size"]) == (9, 2, 32)
+    assert (state["args"]["seed"], state["args"]["num_envs"], state["args"]["hidden_size"]) == (
+        9,
+        2,
+        32,
+    )
     # Logged every 256 steps (two iterations of 128): 256 and 512 first, 768 and 1024 resumed.
     assert resumed.steps("charts/SPS") == [256, 512, 768, 1024]
     (wandb_run,) = read_wandb_runs(resumed.workdir)
-    assert wandb_run.group == "g" and wandb_run.config["seed"] == 9 and wandb_run.config["num_envs"] == 2
+    assert (
+        wandb_run.group == "g"
+        and wandb_run.config["seed"] == 9
+        and wandb_run.config["num_envs"] == 2
+    )
 
     # An explicit flag against the checkpoint's setting is refused in one line.
     monkeypatch.chdir(tmp_path)
@@ -398,11 +419,17 @@ def test_checkpoint_alone_evaluates_and_resumes_with_its_own_settings(
             "--hidden-size",
             "64",
         ): "--hidden-size is 64 but the checkpoint was trained with 32",
-        ("--eval-checkpoint", "--env-id", "Acrobot-v1"): "--env-id is 'Acrobot-v1' but the checkpoint",
+        (
+            "--eval-checkpoint",
+            "--env-id",
+            "Acrobot-v1",
+        ): "--env-id is 'Acrobot-v1' but the checkpoint",
     }
     for (flag, *argv), message in refused.items():
         code, lines = run_in_process(capsys, flag, checkpoint, *argv)
-        assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
+        assert (
+            code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]
+        ), lines
 
 
 def test_resume_restores_weights_optimizer_and_schedule_exactly(in_tmp, capsys):
@@ -422,7 +449,12 @@ def test_resume_restores_weights_optimizer_and_schedule_exactly(in_tmp, capsys):
         assert torch.equal(after["model"][name], tensor), name
     # The learning rate of the last iteration, and Adam's moments and step counts.
     after_lr, before_lr = (state["optimizer"]["param_groups"][0]["lr"] for state in (after, before))
-    assert after_lr == before_lr == ppo_cartpole.linear_schedule(ppo_cartpole.Args().learning_rate, 4, 4) > 0
+    assert (
+        after_lr
+        == before_lr
+        == ppo_cartpole.linear_schedule(ppo_cartpole.Args().learning_rate, 4, 4)
+        > 0
+    )
     assert len(before["optimizer"]["state"]) == 12
     for index, moments in before["optimizer"]["state"].items():
         assert float(moments["step"]) == 40  # 4 updates x 10 epochs
@@ -457,7 +489,15 @@ def test_tiny_rollouts_with_more_minibatches_than_samples_train(in_tmp, capsys):
 @pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_stop_signal_saves_a_checkpoint_that_resumes(run_script, signum, code):
     """Ctrl-C, and SIGTERM as job schedulers, `timeout` and `docker stop` send it (defect 8)."""
-    budget = ("--total-timesteps", "400000", *SHAPE, "--checkpoint-freq", "1024", "--eval-episodes", "1")
+    budget = (
+        "--total-timesteps",
+        "400000",
+        *SHAPE,
+        "--checkpoint-freq",
+        "1024",
+        "--eval-episodes",
+        "1",
+    )
 
     def first_checkpoint_written(workdir):
         return any(workdir.glob("runs/*/ppo_cartpole.pt"))
@@ -498,7 +538,9 @@ def test_a_second_signal_aborts_at_once(run_script):
 
 
 @pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_a_signal_during_the_final_evaluation_ends_it_with_the_signal_status(run_script, signum, code):
+def test_a_signal_during_the_final_evaluation_ends_it_with_the_signal_status(
+    run_script, signum, code
+):
     """After training the checkpoint is saved: a signal ends the evaluation and the process, with
     128 + the signal's number, rather than being noted and ignored."""
 
@@ -530,7 +572,9 @@ def test_a_resumed_run_records_its_evaluation_into_a_folder_of_its_own(run_scrip
     assert len(list((videos / "eval-step-2048").glob("*.mp4"))) == 2
 
 
-def test_checkpoints_reach_the_disk_before_and_after_they_replace_the_old_one(tmp_path, monkeypatch):
+def test_checkpoints_reach_the_disk_before_and_after_they_replace_the_old_one(
+    tmp_path, monkeypatch
+):
     """fsync of the new file before os.replace, of the folder after it: a power loss cannot leave
     an empty file under the checkpoint's name."""
     events = []
@@ -612,7 +656,10 @@ def test_bad_input_exits_2_with_one_line(in_tmp, capsys, args, message):
 def test_bad_input_through_the_real_command_line(run_script):
     result = run_script(SCRIPT, "--env-id", "Pendulum-v1")
     assert result.returncode == 2, result.describe()
-    assert result.stderr.strip() == "error: Pendulum-v1 has a Box action space; this script needs Discrete"
+    assert (
+        result.stderr.strip()
+        == "error: Pendulum-v1 has a Box action space; this script needs Discrete"
+    )
 
 
 @pytest.mark.parametrize("flag", ["--resume", "--eval-checkpoint"])
@@ -620,7 +667,8 @@ def test_bad_checkpoints_exit_2_with_one_line(in_tmp, capsys, flag):
     def saved(name, **overrides):
         state = {
             "kind": "ppo-discrete-mlp/3", "env_id": "CartPole-v1", "run_name": "x",
-            "args": {"env_id": "CartPole-v1"}, "model": ppo_cartpole.Agent(4, 2).state_dict(), **overrides,
+            "args": {"env_id": "CartPole-v1"}, "model": ppo_cartpole.Agent(4, 2).state_dict(),
+            **overrides,
         }  # fmt: skip
         torch.save({key: value for key, value in state.items() if value is not None}, in_tmp / name)
         return name
@@ -634,7 +682,9 @@ def test_bad_checkpoints_exit_2_with_one_line(in_tmp, capsys, flag):
         ("text.pt",): "not a readable checkpoint",
         ("list.pt",): "not a checkpoint of this project",
         (saved("old.pt", kind=None, script="ppo_cartpole"),): "not a checkpoint of this project",
-        (saved("other.pt", kind="dqn/1"),): "holds a dqn/1 checkpoint; this script trains ppo-discrete-mlp/3",
+        (
+            saved("other.pt", kind="dqn/1"),
+        ): "holds a dqn/1 checkpoint; this script trains ppo-discrete-mlp/3",
         (saved("acrobot.pt", args={"env_id": "Acrobot-v1"}), "--env-id", "CartPole-v1"): (
             "--env-id is 'CartPole-v1' but the checkpoint was trained with 'Acrobot-v1'"
         ),
@@ -642,7 +692,10 @@ def test_bad_checkpoints_exit_2_with_one_line(in_tmp, capsys, flag):
     for (name, *argv), message in cases.items():
         code, lines = run_in_process(capsys, flag, str(in_tmp / name), *argv)
         assert code == 2, name
-        assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (name, lines)
+        assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (
+            name,
+            lines,
+        )
     assert not (in_tmp / "runs").exists()
 
 
@@ -651,7 +704,7 @@ def test_bad_checkpoints_exit_2_with_one_line(in_tmp, capsys, flag):
 
 @pytest.mark.slow
 def test_default_args_solve_cartpole(run_script):
-    """Default args, seed 1: the greedy policy must average >= 475 of 500, and stop early to do so."""
+    """Default args, seed 1: the greedy policy must average >= 475 of 500, and stop early for it."""
     result = run_script(SCRIPT, "--eval-episodes", "20", "--no-save-model")
     assert result.returncode == 0, result.describe()
     eval_returns = result.values("eval/episodic_return")
@@ -662,10 +715,16 @@ def test_default_args_solve_cartpole(run_script):
     assert solved_at < ppo_cartpole.Args().total_timesteps // 2
 
 
-def test_training_resume_and_evaluation_copy_device_tensors_to_the_host(tensors_as_if_on_a_gpu, in_tmp):
+def test_training_resume_and_evaluation_copy_device_tensors_to_the_host(
+    tensors_as_if_on_a_gpu, in_tmp
+):
     """On a GPU every tensor that reaches NumPy must go through .cpu(); the guard makes the CPU
     refuse the same conversions, so a forgotten copy fails here rather than on a GPU machine."""
-    ppo_cartpole.main(ppo_cartpole.parse_args([*TINY, "--checkpoint-freq", "512", "--capture-video"]))
+    ppo_cartpole.main(
+        ppo_cartpole.parse_args([*TINY, "--checkpoint-freq", "512", "--capture-video"])
+    )
     (checkpoint,) = (in_tmp / "runs").glob("*/ppo_cartpole.pt")
-    ppo_cartpole.main(ppo_cartpole.parse_args(["--resume", str(checkpoint), "--total-timesteps", "2048"]))
+    ppo_cartpole.main(
+        ppo_cartpole.parse_args(["--resume", str(checkpoint), "--total-timesteps", "2048"])
+    )
     ppo_cartpole.main(ppo_cartpole.parse_args(["--eval-checkpoint", str(checkpoint)]))
