@@ -461,12 +461,16 @@ def update(
             )
             entropy_loss = entropy.mean()
             loss = policy_loss - args.ent_coef * entropy_loss + args.vf_coef * value_loss
-            if not torch.isfinite(loss):
-                return {"finite": False}
 
             optimizer.zero_grad()
             loss.backward()
-            average([parameter.grad for parameter in agent.parameters()])
+            # The verdict on the loss travels in the gradients' all-reduce: a rank whose loss is
+            # NaN or infinite must not leave the others waiting alone in it, and every rank must
+            # stop at the same step. `not_finite` becomes the share of ranks with such a loss.
+            not_finite = (~torch.isfinite(loss)).float().reshape(1)
+            average([*(parameter.grad for parameter in agent.parameters()), not_finite])
+            if not_finite.item() > 0:
+                return {"finite": False}
             nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
             optimizer.step()
 
@@ -515,7 +519,11 @@ def main(args: Args) -> None:
     # Counted in steps, so that a run saved by N ranks resumes in any number of them.
     start_iteration = global_step // steps_per_iteration + 1
     total_steps = num_iterations * steps_per_iteration
-    run = Run(args, run_name, total_steps, global_step) if ranks.is_main else RankRun()
+    run = (
+        MainRun(ranks, args, run_name, total_steps, global_step)
+        if ranks.is_main
+        else RankRun(ranks)  # logs and saves nothing; exits with rank 0
+    )
     # A resumed run reseeds with an offset so it does not replay the random stream of its start;
     # each rank plays its own games with its own random numbers.
     seed = args.seed + start_iteration - 1 + ranks.rank * RANK_SEED_OFFSET
@@ -1170,6 +1178,9 @@ class Ranks:
         self.rank = int(os.environ.get("RANK", "0"))
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         self.cuda = want_cuda and torch.cuda.is_available()
+        # What must still be written when a lost collective ends this process at once (MainRun
+        # closes rank 0's TensorBoard log here).
+        self.before_hard_exit: Callable[[], None] = lambda: None
         if self.world > 1:
             # nccl between GPUs, gloo between CPU processes (on one machine or several).
             backend = "nccl" if self.cuda else "gloo"
@@ -1195,6 +1206,7 @@ class Ranks:
                 f"error: rank {self.rank}: another rank stopped answering ({str(error).splitlines()[0]})",
                 file=sys.stderr,
             )
+            self.before_hard_exit()
             os._exit(1)  # the process group cannot be shut down cleanly without the lost rank
 
     def average(self, tensors: list[torch.Tensor]) -> None:
@@ -1214,6 +1226,13 @@ class Ranks:
         if self.world > 1:
             for tensor in module.state_dict().values():
                 self.collective(lambda tensor=tensor: dist.broadcast(tensor, src=0))
+
+    def barrier(self) -> None:
+        """Wait here until every rank is here. torchrun stops every rank as soon as one exits with
+        an error, so the others wait for rank 0 to write its checkpoint before they exit."""
+        if self.world > 1:
+            here = torch.zeros(1, device=self.device_of_collectives)
+            self.collective(lambda: dist.all_reduce(here))
 
     def agree_to_stop(self, stop: StopFlag) -> bool:
         """Whether any rank got Ctrl-C or SIGTERM; then every rank stops as if it had got it too."""
@@ -1248,10 +1267,37 @@ class Ranks:
             dist.destroy_process_group()
 
 
-class RankRun:
-    """What a rank other than 0 keeps of `Run`: the stop flag, and an exit that matches rank 0's."""
+class MainRun(Run):
+    """Rank 0's `Run`, whose exits the other ranks wait for (see `RankRun`); its TensorBoard log is
+    closed before any exit, also the hard one of a lost collective."""
 
-    def __init__(self):
+    def __init__(self, ranks: Ranks, *args):
+        super().__init__(*args)
+        self.ranks = ranks
+        ranks.before_hard_exit = self.writer.close
+
+    def stop_if_not_finite(self, finite: bool, state: Callable[[], dict], global_step: int) -> None:
+        if finite:
+            return
+        try:
+            super().stop_if_not_finite(finite, state, global_step)  # saves the state, exits 1
+        finally:
+            self.writer.close()
+            self.ranks.barrier()
+
+    def end_training(self, state: dict, global_step: int) -> None:
+        try:
+            super().end_training(state, global_step)  # exits 130/143 after a stop signal
+        finally:
+            self.ranks.barrier()
+
+
+class RankRun:
+    """What a rank other than 0 keeps of `Run`: the stop flag, and exits that match rank 0's, once
+    rank 0 has saved what it saves there (every rank got the same verdict at the same step)."""
+
+    def __init__(self, ranks: Ranks):
+        self.ranks = ranks
         self.stop = StopFlag()
         self.writer = self  # so that `run.writer.add_histogram` is a no-op too
 
@@ -1263,10 +1309,12 @@ class RankRun:
 
     def stop_if_not_finite(self, finite: bool, state, global_step: int) -> None:
         if not finite:  # rank 0 saves the state (its copy of the network is this one's)
+            self.ranks.barrier()
             print(f"error: loss became non-finite at step {global_step}", file=sys.stderr)
             sys.exit(1)
 
     def end_training(self, state: dict, global_step: int) -> None:
+        self.ranks.barrier()
         if self.stop.requested:
             sys.exit(self.stop.exit_code)
 

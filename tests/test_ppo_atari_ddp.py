@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import HEADLESS_ENV, ROOT, run_script_in
+from conftest import HEADLESS_ENV, ROOT, read_scalars, run_script_in
 
 sys.path.insert(0, str(ROOT))
 import ppo_atari  # noqa: E402
@@ -23,17 +23,21 @@ GAME = ("--env-id", "ALE/Pong-v5", "--eval-episodes", "1", "--log-interval", "25
 
 
 def torchrun(
-    workdir: Path, *args: str, timeout: float = 300, signal_rank=None
+    workdir: Path,
+    *args: str,
+    timeout: float = 300,
+    signal_rank=None,
+    script: Path = ROOT / "ppo_atari.py",
 ) -> subprocess.CompletedProcess:
     """`torchrun --standalone --nproc-per-node 2 ppo_atari.py *args` in `workdir`.
 
     `signal_rank=(rank, signum, ready)` sends `signum` to that rank's process alone once
-    `ready(workdir)` holds.
+    `ready(workdir)` holds. `script` launches another file in place of ppo_atari.py.
     """
     workdir.mkdir(parents=True, exist_ok=True)
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-        str(ROOT / "ppo_atari.py"), *args,
+        str(script), *args,
     ]  # fmt: skip
     env = {**os.environ, **HEADLESS_ENV, "OMP_NUM_THREADS": "1"}
     out, err = open(workdir / "out.log", "w+"), open(workdir / "err.log", "w+")  # noqa: SIM115
@@ -120,6 +124,72 @@ def test_a_rank_that_dies_ends_the_other_instead_of_hanging(tmp_path):
     assert result.returncode != 0
     assert time.monotonic() - began < 200
     assert "done: " not in result.stdout
+
+
+# Launched by torchrun in place of ppo_atari.py: the script itself, except that on one rank the
+# policy loss of one gradient step is NaN (the other rank's loss at that step stays finite).
+NAN_ON_ONE_RANK = """
+import os, sys
+sys.path.insert(0, {root!r})
+import ppo_atari
+
+calls = 0
+def ppo_loss(*args):
+    global calls
+    calls += 1
+    policy_loss, value_loss, ratio = original(*args)
+    return policy_loss * float("nan") if calls == {call} else policy_loss, value_loss, ratio
+
+if os.environ["RANK"] == "{rank}":
+    original, ppo_atari.ppo_loss = ppo_atari.ppo_loss, ppo_loss
+ppo_atari.main(ppo_atari.parse_command_line())
+"""
+
+
+@pytest.mark.parametrize("rank", [1, 0])
+def test_a_non_finite_loss_on_one_rank_stops_every_rank_at_that_step(tmp_path, rank):
+    # 2 epochs x 4 minibatches: 8 gradient steps an iteration, so step 11 is in the second
+    # iteration, which ends at 2 x 256 agent steps.
+    script = tmp_path / f"nan_on_rank_{rank}.py"
+    script.write_text(NAN_ON_ONE_RANK.format(root=str(ROOT), call=11, rank=rank))
+    result = torchrun(tmp_path, *GAME, *SHAPE, "--total-timesteps", "2048", script=script)
+    assert result.returncode != 0
+    # Both ranks agreed on the verdict at the same step: none waited alone in a collective.
+    assert result.stderr.count("loss became non-finite at step 512") == 2, result.stderr[-4000:]
+    assert "stopped answering" not in result.stderr
+    # Rank 0 saved the state of that step (rank 1's copy of the network is the same)...
+    (saved,) = tmp_path.glob("runs/*/ppo_atari_nan.pt")
+    assert torch.load(saved, weights_only=True)["global_step"] == 512
+    # ...and closed its log: the first iteration's numbers are all in it.
+    scalars = read_scalars(tmp_path / "runs")
+    assert scalars["charts/SPS"][-1][0] == 256 and "losses/policy_loss" in scalars
+
+
+def test_a_lost_collective_closes_rank_0s_log_before_the_hard_exit(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SDL_NO_SIGNAL_HANDLERS", "1")
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    saved = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    ranks = ppo_atari.Ranks(want_cuda=False)
+    run = ppo_atari.MainRun(ranks, ppo_atari.Args(), "run", 1000, 0)
+    for signum, handler in saved.items():
+        signal.signal(signum, handler)
+    for step in range(300):
+        run.log({"charts/SPS": 1.0}, step)
+
+    def hard_exit(code):
+        raise SystemExit(code)
+
+    def lost():
+        raise RuntimeError("Connection closed by peer")
+
+    monkeypatch.setattr(ppo_atari.os, "_exit", hard_exit)
+    with pytest.raises(SystemExit):
+        ranks.collective(lost)
+    run.progress.close()
+    # Read at once: only a closed writer has written every event it was given.
+    assert len(read_scalars(tmp_path / "runs")["charts/SPS"]) == 300
 
 
 def test_alone_it_is_rank_0_of_1_and_the_collectives_do_nothing(monkeypatch):
