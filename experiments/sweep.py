@@ -16,7 +16,10 @@ started; a worker with nothing left to start waits for the others' points, so ev
 with the complete table. A later start of the same command resumes the study.
 
 Every trial runs the script as a subprocess, as a user would, with its working directory in
-`<out>/trials/<trial number>/seed-<seed>/`, and reads the TensorBoard scalars it wrote there.
+`<out>/trials/<study name>-<trial number>/seed-<seed>/`, and reads the TensorBoard scalars it wrote
+there. That folder is new for every trial: trial numbers restart in a new study (another
+`--study-name` on the same `--out`, or the same one after its `study.db` was deleted), so where an
+earlier study left a folder of that name the trial takes the next free `...-2`, `...-3`.
 
 Killed workers lose nothing:
 - each running trial records a heartbeat in the database (`--heartbeat` seconds); a trial whose
@@ -51,6 +54,7 @@ import itertools
 import json
 import math
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -455,6 +459,19 @@ def read_returns(runs_dir: Path) -> list[float]:
     return [number for _, _, number in sorted(found)]
 
 
+def new_trial_folder(args: argparse.Namespace, trial_number: int) -> Path:
+    """`<out>/trials/<study name>-<trial number>`, created here, or `...-2`, `...-3` where an
+    earlier study of the same name left that folder: the runs read back are this trial's alone."""
+    name = f"{re.sub(r'[^A-Za-z0-9._-]', '_', args.study_name)}-{trial_number:04d}"
+    (args.out / "trials").mkdir(parents=True, exist_ok=True)
+    for attempt in itertools.count(1):
+        folder = args.out / "trials" / (name if attempt == 1 else f"{name}-{attempt}")
+        with contextlib.suppress(FileExistsError):
+            folder.mkdir()  # atomic: of two workers sharing --out, one gets each name
+            return folder
+    raise AssertionError  # unreachable
+
+
 class TrialFailed(Exception):
     """The script failed on its own: recorded on the trial, not retried."""
 
@@ -536,10 +553,11 @@ class Worker:
         trial.set_user_attr("worker", self.name)
         self.skip_if_taken(trial)
         label = ",".join(f"{value:g}" for value in point.values())
+        folder = new_trial_folder(self.args, trial.number)
         scores = []
         for seed in self.args.seeds:
-            cwd = self.args.out / "trials" / f"{trial.number:04d}" / f"seed-{seed}"
-            cwd.mkdir(parents=True, exist_ok=True)
+            cwd = folder / f"seed-{seed}"
+            cwd.mkdir()
             command = script_command(self.args, point, seed, f"sweep-{trial.number}")
             (cwd / "command.txt").write_text(" ".join(["python", *command]) + "\n")
             with open(cwd / "stdout.log", "w") as stdout, open(cwd / "stderr.log", "w+") as stderr:

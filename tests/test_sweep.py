@@ -131,7 +131,7 @@ def test_workers_share_a_sqlite_study_and_a_killed_trial_is_retried(tmp_path):
             with contextlib.suppress(Exception):
                 for trial in trials_of(storage, "grid"):
                     worker = trial.user_attrs.get("worker", "")
-                    folder = tmp_path / "a" / "out" / "trials" / f"{trial.number:04d}" / "seed-1"
+                    folder = tmp_path / "a" / "out" / "trials" / f"grid-{trial.number:04d}" / "seed-1"
                     mine = worker.endswith(f":{first.pid}") and trial.state == TrialState.RUNNING
                     if mine and list(folder.glob("runs/*/events.out.tfevents.*")):
                         killed_trial = trial.number
@@ -367,3 +367,37 @@ def test_every_point_trains_its_whole_budget():
     assert "--no-stop-when-solved" in sweep.script_command(args, point, 1, "sweep")
     args.script = ROOT / "ppo_drone.py"  # trains its budget anyway, and has no such flag
     assert "--no-stop-when-solved" not in sweep.script_command(args, point, 1, "sweep")
+
+
+# ---------------------------------------------------------------------------------------------
+# Trial folders, retries and claims, in one study on SQLite.
+
+ONE_POINT = ["--learning-rate", "0.001", "--clip-coef", "0.2", "--gae-lambda", "0.95"]
+
+
+def test_a_new_study_in_the_same_out_never_reads_an_earlier_studys_runs(tmp_path):
+    """Trial numbers restart in every study: after study.db is deleted, and in another
+    --study-name on the same --out, trial 0 must train and be scored in a folder of its own."""
+    from conftest import read_scalars
+
+    out = tmp_path / "out"
+    seen: set[Path] = set()
+    for study_name in ("grid", "grid", "other"):
+        if (out / "study.db").exists() and study_name == "grid":
+            (out / "study.db").unlink()  # the same study again, from scratch
+        code, stdout, stderr = sweep(
+            tmp_path, *ONE_POINT, *TINY, "--out", str(out), "--study-name", study_name, *PASSED_ON
+        )
+        assert code == 0, f"exit {code}\n{stdout}\n{stderr[-3000:]}"
+        (trial,) = trials_of(f"sqlite:///{out / 'study.db'}", study_name)
+        assert trial.number == 0 and trial.state == TrialState.COMPLETE
+
+        folders = {path.parent for path in out.glob("trials/**/command.txt")}
+        new = folders - seen
+        assert len(new) == 1 and seen < folders, f"{sorted(folders)} after {sorted(seen)}"
+        seen = folders
+        (folder,) = new
+        events = list(folder.glob("runs/*/events.out.tfevents.*"))
+        assert len(events) == 1, events  # this trial's run alone
+        returns = [value for _, value in read_scalars(folder / "runs")["charts/episodic_return"]]
+        assert trial.value == pytest.approx(sum(returns[-20:]) / len(returns[-20:]))
