@@ -698,8 +698,8 @@ def load_checkpoint(path: str, resume: bool = False) -> dict:
     kind = checkpoint["kind"]
     if kind in EVALUATED_KINDS and resume:
         fail(
-            f"{path} holds a {kind} checkpoint, whose optimiser state this version cannot restore: "
-            "it can be evaluated (--eval-checkpoint), not resumed"
+            f"{path} holds a {kind} checkpoint, an earlier kind that this version can evaluate "
+            "(--eval-checkpoint) but not resume: its training state is saved differently"
         )
     if kind != CHECKPOINT_KIND and kind not in EVALUATED_KINDS:
         fail(f"{path} holds a {kind} checkpoint; this script trains {CHECKPOINT_KIND}")

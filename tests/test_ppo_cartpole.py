@@ -609,7 +609,10 @@ def test_a_checkpoint_of_the_previous_kind_evaluates_but_does_not_resume(in_tmp,
     assert eval_figures(capsys.readouterr().out) == figures
     code, lines = run_in_process(capsys, "--resume", old)
     assert code == 2 and len(lines) == 1, lines
-    assert "holds a ppo-discrete-mlp/2 checkpoint" in lines[0] and "not resumed" in lines[0]
+    assert (
+        "holds a ppo-discrete-mlp/2 checkpoint" in lines[0]
+        and "can evaluate (--eval-checkpoint) but not resume" in lines[0]
+    )
 
 
 def test_any_discrete_env_works_through_the_sync_vector_env(in_tmp):
