@@ -29,7 +29,8 @@ Killed workers lose nothing:
   that point again rather than a random one), at most `--max-retries` times (a point that kills
   its worker every time, e.g. out of memory, stops being retried);
 - a worker stopped with Ctrl-C or SIGTERM marks its trial FAIL and queues the retry itself
-  (exit 130 / 143); the next worker, or the same command started again, runs it;
+  (exit 130 / 143); the next worker, or the same command started again, runs it. These retries
+  are the user's choice, not the point's fault: they do not count against `--max-retries`;
 - the script dies with its worker (parent-death signal on Linux), so no orphan trains on.
 A point whose script fails on its own (a crash, NaN loss) is recorded FAIL with the error and not
 retried: running it again would fail again.
@@ -49,6 +50,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import csv
 import itertools
 import json
@@ -79,6 +81,8 @@ DEFAULT_GRID = {
 }
 LAST_EPISODES = 20
 SCORE_TAG = "charts/episodic_return"
+# Our system attribute: how many times a point's worker died under it (the retries it has used).
+WORKER_DEATHS = "worker_deaths"
 
 
 def flag(knob: str) -> str:
@@ -148,7 +152,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--max-retries",
         type=int,
         default=3,
-        help="retries of a point whose worker died (default: %(default)s)",
+        help="retries of a point whose worker died; Ctrl-C/SIGTERM requeues are not counted "
+        "(default: %(default)s)",
     )
     parser.add_argument(
         "--report-only", action="store_true", help="write the outputs from the database and exit"
@@ -256,7 +261,7 @@ def open_storage(args: argparse.Namespace) -> RDBStorage:
                 engine_kwargs=storage_kwargs(args.storage),
                 heartbeat_interval=args.heartbeat,
                 grace_period=2 * args.heartbeat,
-                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=args.max_retries),
+                heartbeat_stale_trial_callback=RetryTrialsOfDeadWorkers(args.max_retries),
             )
             return args.opened_storage
         except Exception as error:  # two workers creating the tables at once: one loses, retries
@@ -264,6 +269,33 @@ def open_storage(args: argparse.Namespace) -> RDBStorage:
             time.sleep(0.5 + attempt)
     fail(f"cannot open storage {shown(args.storage)}: {str(last_error).strip().splitlines()[0]}")
     raise AssertionError  # unreachable
+
+
+def queue_retry(study: optuna.Study, trial: optuna.trial.FrozenTrial, worker_deaths: int) -> None:
+    """Queue a WAITING copy of a failed trial: the same grid point (its `grid_id`), Optuna's
+    `failed_trial` and `retry_history`, and the count of worker deaths on the point so far."""
+    marked = copy.copy(trial)
+    marked.system_attrs = {
+        **trial.system_attrs,
+        "retry_history": list(trial.system_attrs.get("retry_history", [])),  # Optuna appends to it
+        WORKER_DEATHS: worker_deaths,
+    }
+    RetryHeartbeatStaleTrialCallback(max_retry=None)(study, marked)
+
+
+class RetryTrialsOfDeadWorkers:
+    """The storage's stale-trial callback: a trial whose worker died (its heartbeats stopped) is
+    queued again, at most `max_retries` times per point. Optuna's own limit would count the whole
+    inherited `retry_history`, which the Ctrl-C requeues (`Worker.requeue_interrupted`) extend
+    too: after a few of those, one real death would not be retried."""
+
+    def __init__(self, max_retries: int):
+        self.max_retries = max_retries
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        worker_deaths = trial.system_attrs.get(WORKER_DEATHS, 0) + 1
+        if worker_deaths <= self.max_retries:
+            queue_retry(study, trial, worker_deaths)
 
 
 def existing_study(args: argparse.Namespace) -> optuna.Study | None:
@@ -612,8 +644,9 @@ class Worker:
             trial = self.study._storage.get_trial(self.trial_id)
         if trial.state != TrialState.FAIL:
             return None
-        # Stopping a worker is the user's choice, not the point's fault: no limit on these retries.
-        RetryHeartbeatStaleTrialCallback(max_retry=None)(self.study, trial)
+        # Stopping a worker is the user's choice, not the point's fault: no limit on these retries,
+        # and the count of worker deaths that --max-retries limits is passed on unchanged.
+        queue_retry(self.study, trial, trial.system_attrs.get(WORKER_DEATHS, 0))
         return trial.number
 
 

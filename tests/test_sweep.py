@@ -401,3 +401,42 @@ def test_a_new_study_in_the_same_out_never_reads_an_earlier_studys_runs(tmp_path
         assert len(events) == 1, events  # this trial's run alone
         returns = [value for _, value in read_scalars(folder / "runs")["charts/episodic_return"]]
         assert trial.value == pytest.approx(sum(returns[-20:]) / len(returns[-20:]))
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")  # asks outside optimize, as a test
+def test_ctrl_c_requeues_do_not_use_up_the_retries_of_a_worker_death(tmp_path):
+    module = load_sweep_module()
+    args = module.parse_args(
+        [*ONE_POINT, "--out", str(tmp_path / "out"), "--heartbeat", "1", "--max-retries", "1"]
+    )
+    study = module.create_study(args)
+    worker = module.Worker(args, study)
+
+    def claim() -> optuna.Trial:
+        """What a worker does first: take the point (its queued retry, once there is one)."""
+        trial = study.ask()
+        worker.trial_id = trial._trial_id
+        return trial
+
+    def die(trial: optuna.Trial) -> None:
+        """The worker's heartbeats stop; the next worker to look fails the trial as stale."""
+        study._storage.record_heartbeat(trial._trial_id)
+        deadline = time.monotonic() + 30
+        while study._storage.get_trial(trial._trial_id).state == TrialState.RUNNING:
+            assert time.monotonic() < deadline, "the trial never went stale"
+            time.sleep(0.2)
+            module.fail_stale_trials(study)
+
+    def queued() -> list[optuna.trial.FrozenTrial]:
+        return study.get_trials(states=(TrialState.WAITING,))
+
+    trial = claim()
+    for _ in range(3):  # Ctrl-C three times: the user's choice, each requeued
+        assert worker.requeue_interrupted() == trial.number
+        assert len(queued()) == 1
+        trial = claim()
+    die(trial)  # a real death, the first: retried
+    assert len(queued()) == 1, [(t.number, t.state, t.system_attrs) for t in study.get_trials()]
+    die(claim())  # a second death: past --max-retries 1, the point stays failed
+    assert queued() == []
+    assert {t.state for t in study.get_trials()} == {TrialState.FAIL}
