@@ -81,8 +81,13 @@ DEFAULT_GRID = {
 }
 LAST_EPISODES = 20
 SCORE_TAG = "charts/episodic_return"
+# GridSampler's system attribute naming a trial's grid point, stored within `study.ask()` (before
+# any parameter is suggested) and inherited by a retry.
+GRID_ID = "grid_id"
 # Our system attribute: how many times a point's worker died under it (the retries it has used).
 WORKER_DEATHS = "worker_deaths"
+# How long a trial waits for an older one still inside `ask()` to be given its grid point.
+GRID_ID_WAIT_S = 5.0
 
 
 def flag(knob: str) -> str:
@@ -619,15 +624,37 @@ class Worker:
         """Two workers can ask at the same moment for the last open point (GridSampler then gives
         both the same one), or one can be given a point whose retry is queued: the oldest claim on
         the point runs and every younger trial steps aside (PRUNED, which nothing reports). The
-        rule has to be by age alone, or two trials could each defer to the other."""
-        for other in self.study.get_trials(deepcopy=False):
-            if other.number == trial.number or other.params != trial.params:
+        rule has to be by age alone, or two trials could each defer to the other.
+
+        A claim is known by its grid id, which the sampler stores within `ask()`, not by its
+        params, which exist only once the objective has suggested them: an older trial between
+        the two would look like no claim at all, and both would run the point."""
+        point = self.study._storage.get_trial_system_attrs(trial._trial_id)[GRID_ID]
+        for other in self.trials_with_their_points(trial):
+            if other.number == trial.number or other.system_attrs.get(GRID_ID) != point:
                 continue
             if other.state == TrialState.COMPLETE or (
                 other.state in (TrialState.RUNNING, TrialState.WAITING) and other.number < trial.number
             ):
                 trial.set_user_attr("note", f"duplicate of trial {other.number}")
                 raise optuna.TrialPruned(f"point taken by trial {other.number}")
+
+    def trials_with_their_points(self, trial: optuna.Trial) -> list[optuna.trial.FrozenTrial]:
+        """The study's trials, once every trial older than `trial` has its grid id: one that
+        another worker's `ask()` has just created gets it from the sampler a moment later. A
+        trial whose worker died in that moment never will, hence the bound on the wait."""
+        deadline = time.monotonic() + GRID_ID_WAIT_S
+        while True:
+            trials = self.study.get_trials(deepcopy=False)
+            waiting_for_a_point = any(
+                other.number < trial.number
+                and other.state == TrialState.RUNNING
+                and GRID_ID not in other.system_attrs
+                for other in trials
+            )
+            if not waiting_for_a_point or time.monotonic() > deadline:
+                return trials
+            time.sleep(0.05)
 
     def say_failed(self, trial: optuna.Trial, error: str) -> None:
         trial.set_user_attr("error", error)
@@ -656,7 +683,7 @@ def key_of(params: dict) -> tuple:
 
 def grid_key(points: list[dict], trial: optuna.trial.FrozenTrial) -> tuple | None:
     """A trial that died before sampling its parameters still names its point by `grid_id`."""
-    grid_id = trial.system_attrs.get("grid_id")
+    grid_id = trial.system_attrs.get(GRID_ID)
     search_space = trial.system_attrs.get("search_space")
     if grid_id is None or search_space is None:
         return None

@@ -373,6 +373,11 @@ def test_every_point_trains_its_whole_budget():
 # Trial folders, retries and claims, in one study on SQLite.
 
 ONE_POINT = ["--learning-rate", "0.001", "--clip-coef", "0.2", "--gae-lambda", "0.95"]
+# For the tests that call the worker's parts in-process, without main() to silence what Optuna says
+# of them: heartbeats are experimental, and ask() outside optimize() warns when they are on.
+quiet_optuna = pytest.mark.filterwarnings(
+    "ignore::optuna.exceptions.ExperimentalWarning", "ignore:Heartbeat of storage"
+)
 
 
 def test_a_new_study_in_the_same_out_never_reads_an_earlier_studys_runs(tmp_path):
@@ -403,7 +408,7 @@ def test_a_new_study_in_the_same_out_never_reads_an_earlier_studys_runs(tmp_path
         assert trial.value == pytest.approx(sum(returns[-20:]) / len(returns[-20:]))
 
 
-@pytest.mark.filterwarnings("ignore:Heartbeat of storage")  # asks outside optimize, as a test
+@quiet_optuna
 def test_ctrl_c_requeues_do_not_use_up_the_retries_of_a_worker_death(tmp_path):
     module = load_sweep_module()
     args = module.parse_args(
@@ -440,3 +445,48 @@ def test_ctrl_c_requeues_do_not_use_up_the_retries_of_a_worker_death(tmp_path):
     die(claim())  # a second death: past --max-retries 1, the point stays failed
     assert queued() == []
     assert {t.state for t in study.get_trials()} == {TrialState.FAIL}
+
+
+@quiet_optuna
+def test_an_older_claim_between_ask_and_its_suggestions_keeps_the_point(tmp_path, monkeypatch):
+    module = load_sweep_module()
+    args = module.parse_args([*ONE_POINT, "--out", str(tmp_path / "out"), "--heartbeat", "1"])
+    study = module.create_study(args)
+    older = study.ask()  # another worker's trial, not yet at its suggest_categorical calls
+    younger = study.ask()
+    storage = study._storage
+    assert storage.get_trial(older._trial_id).params == {}
+    grid_ids = {storage.get_trial_system_attrs(t._trial_id)["grid_id"] for t in (older, younger)}
+    assert len(grid_ids) == 1  # the sampler gave both the one point
+
+    monkeypatch.setattr(module, "start_script", lambda *a, **k: pytest.fail("both trials ran it"))
+    with pytest.raises(optuna.TrialPruned, match=f"point taken by trial {older.number}"):
+        module.Worker(args, study).objective(younger)
+
+
+@quiet_optuna
+def test_an_older_claim_still_inside_ask_is_waited_for(tmp_path, monkeypatch):
+    """Within ask(), a trial exists a moment before the sampler stores its grid point."""
+    import threading
+
+    module = load_sweep_module()
+    args = module.parse_args([*ONE_POINT, "--out", str(tmp_path / "out"), "--heartbeat", "1"])
+    study = module.create_study(args)
+    older_id = study._storage.create_new_trial(study._study_id)  # RUNNING, no point yet
+    younger = study.ask()
+    point = study._storage.get_trial_system_attrs(younger._trial_id)
+
+    def sampler_of_the_other_worker() -> None:
+        time.sleep(0.5)
+        other = optuna.storages.RDBStorage(args.storage)  # its own connection, as another worker
+        for key in ("search_space", "grid_id"):
+            other.set_trial_system_attr(older_id, key, point[key])
+
+    monkeypatch.setattr(module, "start_script", lambda *a, **k: pytest.fail("both trials ran it"))
+    other_worker = threading.Thread(target=sampler_of_the_other_worker)
+    other_worker.start()
+    try:
+        with pytest.raises(optuna.TrialPruned, match="point taken by trial 0"):
+            module.Worker(args, study).objective(younger)
+    finally:
+        other_worker.join()
