@@ -513,6 +513,7 @@ def main(args: Args) -> None:
     if checkpoint is not None:
         check_settings(args, checkpoint["args"], RESUME_MAY_CHANGE)
         run_name, global_step = checkpoint["run_name"], checkpoint["global_step"]
+        check_resume_step(global_step, args.batch_size, ranks.world)
     else:
         run_name = f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"
         global_step = 0
@@ -749,6 +750,21 @@ def check_settings(args: Args, saved_args: dict, may_change: set[str]) -> None:
                 f"{flag} is {current!r} but the checkpoint was trained with {saved!r}; "
                 "leave the flag out to keep the checkpoint's setting"
             )
+
+
+def check_resume_step(global_step: int, batch_size: int, world: int) -> None:
+    """Refuse to resume on `world` ranks a run saved in the middle of one of their iterations (one
+    of a single process at an odd iteration, say): whole iterations from there would end past the
+    budget, and the iteration-counted learning-rate schedule would lag behind the step."""
+    rollouts = global_step // batch_size  # each of one rank's --num-envs x --num-steps
+    if rollouts % world:
+        *others, last = [str(n) for n in range(1, min(rollouts, 64) + 1) if rollouts % n == 0]
+        fitting = f"{', '.join(others)} or {last} ranks" if others else "one rank"
+        fail(
+            f"the checkpoint is at step {global_step}, inside an iteration of {world} ranks "
+            f"({world} x {batch_size} agent steps), so the run would end past its budget with a "
+            f"shifted learning-rate schedule; resume it on {fitting}"
+        )
 
 
 # Copied from ppo_cartpole.py: seed_everything

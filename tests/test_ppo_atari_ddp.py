@@ -96,6 +96,38 @@ def test_two_ranks_train_one_agent_that_evaluates_and_resumes_in_one_process(tmp
     assert torch.load(checkpoint, weights_only=True)["global_step"] == 1280
 
 
+def test_a_single_process_run_resumes_on_two_ranks_only_where_their_iterations_fit(tmp_path):
+    # One process: 4 envs x 32 steps = 128 agent steps an iteration, a checkpoint kept at each.
+    trained = run_script_in(
+        tmp_path, "ppo_atari.py", *GAME, *SHAPE, "--total-timesteps", "1152",
+        "--checkpoint-freq", "128",
+    )  # fmt: skip
+    assert trained.returncode == 0, trained.describe()
+    (run_dir,) = trained.run_dirs
+    final = run_dir / "ppo_atari.pt"
+
+    # Step 1152 is 9 rollouts of 128: inside the fifth 2-rank iteration (1024-1280), where 2 ranks
+    # would end at 2176 past a 2048 budget, their learning rate scheduled as if at step 1024.
+    # Refused, saying which numbers of ranks fit, before anything is written.
+    refused = torchrun(tmp_path, "--resume", str(final), "--total-timesteps", "2048")
+    assert refused.returncode != 0 and "done: " not in refused.stdout
+    errors = [line for line in refused.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 2 and errors[0] == errors[1], refused.stderr[-4000:]  # one per rank
+    assert "step 1152" in errors[0] and errors[0].endswith("resume it on 1, 3 or 9 ranks"), errors
+    assert torch.load(final, weights_only=True)["global_step"] == 1152
+
+    # Step 1024 ends the fourth 2-rank iteration: 2 ranks go on to the budget, the learning rate
+    # where the uninterrupted schedule has it (the fraction of the budget still ahead).
+    kept = run_dir / "checkpoints" / f"ppo_atari_{1024:012d}.pt"
+    resumed = torchrun(tmp_path, "--resume", str(kept), "--total-timesteps", "2048")
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert re.search(r"^done: 2048 steps", resumed.stdout, re.MULTILINE), resumed.stdout
+    learning_rate = dict(read_scalars(tmp_path / "runs")["charts/learning_rate"])
+    expected = ppo_atari.Args().learning_rate * (1 - 1024 / 2048)
+    assert learning_rate[1280] == pytest.approx(expected, rel=1e-6)
+    assert torch.load(final, weights_only=True)["global_step"] == 2048
+
+
 def test_ctrl_c_on_one_rank_stops_both_with_one_checkpoint(tmp_path):
     started = lambda workdir: any(workdir.glob("runs/*/events.out.tfevents.*"))  # noqa: E731
     result = torchrun(
@@ -217,3 +249,17 @@ def test_torchrun_refuses_rollouts_that_could_leave_a_rank_without_a_minibatch(m
         ppo_atari.validate(args)
     assert exit_info.value.code == 2
     assert "under torchrun each rank needs" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("global_step", "world", "fitting"),
+    [(1152, 2, "1, 3 or 9 ranks"), (768, 4, "1, 2, 3 or 6 ranks"), (128, 2, "one rank")],
+)
+def test_a_resume_inside_an_iteration_is_refused(capsys, global_step, world, fitting):
+    ppo_atari.check_resume_step(global_step - global_step % (128 * world), 128, world)  # fits
+    with pytest.raises(SystemExit) as exit_info:
+        ppo_atari.check_resume_step(global_step, 128, world)
+    assert exit_info.value.code == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"error: the checkpoint is at step {global_step}, inside an iteration")
+    assert line.endswith(f"resume it on {fitting}"), line
