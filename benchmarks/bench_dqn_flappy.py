@@ -72,17 +72,21 @@ def compare(mode: str, flags: list[str], buffer_size: int, batch_size: int) -> N
     print(f"  {'dqn_flappy.py (NumPy ring)':34s}{ours[0]:10.0f}{ours[1]:10.0f}{ours_buffer:11.0f}")
     print(f"  {'deque-of-tuples peer':34s}{peer[0]:10.0f}{peer[1]:10.0f}{peer_buffer:11.0f}")
     print(
-        f"  {'dqn_flappy.py, two-batch buffer':34s}{'(idle)':>10s}{bare[1]:10.0f}   (memory baseline: it never trains)"
+        f"  {'dqn_flappy.py, two-batch buffer':34s}{'(idle)':>10s}{bare[1]:10.0f}"
+        "   (memory baseline: it never trains)"
     )
     print(
-        f"  ratios: {ours[0] / peer[0]:.2f}x the peer's steps/s, {peer[1] / ours[1]:.2f}x less peak memory,"
+        f"  ratios: {ours[0] / peer[0]:.2f}x the peer's steps/s,"
+        f" {peer[1] / ours[1]:.2f}x less peak memory,"
         f" {peer_buffer / ours_buffer:.1f}x less buffer memory"
     )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--modes", nargs="+", default=["features", "pixels"], choices=["features", "pixels"])
+    parser.add_argument(
+        "--modes", nargs="+", default=["features", "pixels"], choices=["features", "pixels"]
+    )
     parser.add_argument("--features-steps", type=int, default=30_000)
     parser.add_argument("--features-buffer", type=int, default=20_000)
     parser.add_argument("--pixels-steps", type=int, default=5_200)

@@ -41,7 +41,9 @@ PIPELINES = {
 }
 
 
-def cumulative_time(stats: pstats.Stats, file_suffix: str, function: str, caller: str | None = None) -> float:
+def cumulative_time(
+    stats: pstats.Stats, file_suffix: str, function: str, caller: str | None = None
+) -> float:
     """Cumulative seconds of `function` (defined in a file ending with `file_suffix`), counting
     only the calls made from a function named `caller` when one is given."""
     total = 0.0
@@ -86,7 +88,9 @@ def run_peer(env_id: str, steps: int, threads: int) -> float:
     return peer.main(peer.Args(env_id=env_id, total_timesteps=steps))
 
 
-def worker(which: str, backend: str | None, env_id: str, steps: int, threads: int, profile: bool) -> dict:
+def worker(
+    which: str, backend: str | None, env_id: str, steps: int, threads: int, profile: bool
+) -> dict:
     """One timed (or profiled) training run in this process; runs/ goes to a temporary folder."""
     import os
 
@@ -107,10 +111,14 @@ def worker(which: str, backend: str | None, env_id: str, steps: int, threads: in
             loop = steps / sps
             # The envs' step as called by the training loop (`main`), not by the evaluation.
             if which == "ours":
-                env = cumulative_time(stats, "gymnasium/wrappers/vector/common.py", "step", caller="main")
+                env = cumulative_time(
+                    stats, "gymnasium/wrappers/vector/common.py", "step", caller="main"
+                )
                 update = cumulative_time(stats, "ppo_atari.py", "update")
             else:
-                env = cumulative_time(stats, "gymnasium/vector/sync_vector_env.py", "step", caller="main")
+                env = cumulative_time(
+                    stats, "gymnasium/vector/sync_vector_env.py", "step", caller="main"
+                )
                 update = cumulative_time(stats, "bench_ppo_atari_peer.py", "ppo_update")
             result.update(env_share=env / loop, update_share=update / loop)
         return result
@@ -121,17 +129,30 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--env-id", default="ALE/Pong-v5")
-    parser.add_argument("--iterations", type=int, default=3, help="PPO iterations (1024 agent steps each)")
-    parser.add_argument("--repeats", type=int, default=1, help="timed runs of each pipeline, interleaved")
-    parser.add_argument("--torch-threads", type=int, default=1, help="torch threads of every pipeline")
-    parser.add_argument("--no-profile", action="store_true", help="skip the profiled runs (time split)")
+    parser.add_argument(
+        "--iterations", type=int, default=3, help="PPO iterations (1024 agent steps each)"
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=1, help="timed runs of each pipeline, interleaved"
+    )
+    parser.add_argument(
+        "--torch-threads", type=int, default=1, help="torch threads of every pipeline"
+    )
+    parser.add_argument(
+        "--no-profile", action="store_true", help="skip the profiled runs (time split)"
+    )
     parser.add_argument("--worker", nargs=6, help=argparse.SUPPRESS)
     options = parser.parse_args()
 
     if options.worker:
         which, backend, env_id, steps, threads, profile = options.worker
         result = worker(
-            which, None if backend == "-" else backend, env_id, int(steps), int(threads), profile == "1"
+            which,
+            None if backend == "-" else backend,
+            env_id,
+            int(steps),
+            int(threads),
+            profile == "1",
         )
         print("RESULT " + json.dumps(result))
         return
@@ -162,7 +183,9 @@ def main() -> None:
         f"\n{options.env_id}, {options.iterations} iterations x 1024 agent steps, "
         f"torch threads {options.torch_threads}, {options.repeats} timed run(s) each"
     )
-    print(f"{'pipeline':22s} {'steps/s':>8s} {'vs peer':>8s} {'env':>6s} {'update':>7s} {'rest':>6s}")
+    print(
+        f"{'pipeline':22s} {'steps/s':>8s} {'vs peer':>8s} {'env':>6s} {'update':>7s} {'rest':>6s}"
+    )
     for name in PIPELINES:
         sps = sum(r["sps"] for r in results[name]) / options.repeats
         split = ""

@@ -51,7 +51,10 @@ def main() -> None:
     obs = torch.randint(0, 256, (size, 4, 84, 84), dtype=torch.uint8, generator=generator)
     actions = torch.randint(0, 6, (size,), generator=generator)
     logprobs = torch.full((size,), -torch.log(torch.tensor(6.0)).item())
-    advantages, returns = torch.randn(size, generator=generator), torch.randn(size, generator=generator)
+    advantages, returns = (
+        torch.randn(size, generator=generator),
+        torch.randn(size, generator=generator),
+    )
     values = torch.zeros(size)
     keep = torch.arange(size)
     args = ppo_atari.Args(num_envs=1, num_steps=size, num_minibatches=1, update_epochs=1)
@@ -60,12 +63,24 @@ def main() -> None:
     for bf16 in (False, True):
         torch.manual_seed(0)
         agent = ppo_atari.Agent(6, bf16=bf16).to(device, memory_format=torch.channels_last)
-        agents[bf16], optimizers[bf16] = agent, torch.optim.Adam(agent.parameters(), lr=2.5e-4, eps=1e-5)
+        agents[bf16], optimizers[bf16] = (
+            agent,
+            torch.optim.Adam(agent.parameters(), lr=2.5e-4, eps=1e-5),
+        )
 
     def minibatch_step(bf16: bool) -> float:
         start = time.perf_counter()
         ppo_atari.update(
-            agents[bf16], optimizers[bf16], args, keep, obs, actions, logprobs, advantages, returns, values
+            agents[bf16],
+            optimizers[bf16],
+            args,
+            keep,
+            obs,
+            actions,
+            logprobs,
+            advantages,
+            returns,
+            values,
         )
         return time.perf_counter() - start
 
@@ -86,12 +101,16 @@ def main() -> None:
             for bf16 in (False, True) if repeat % 2 == 0 else (True, False):
                 times["update", bf16].append(minibatch_step(bf16))
                 times["act", bf16].append(act(bf16))
-        for kind, label in (("update", f"minibatch of {size}"), ("act", f"acting on {options.num_envs}")):
+        for kind, label in (
+            ("update", f"minibatch of {size}"),
+            ("act", f"acting on {options.num_envs}"),
+        ):
             fp32, bf16 = times[kind, False], times[kind, True]
             print(
                 f"threads {threads}, {label:16s}: fp32 {statistics.median(fp32) * 1e3:7.1f} ms "
                 f"(min {min(fp32) * 1e3:6.1f}), bf16 {statistics.median(bf16) * 1e3:7.1f} ms "
-                f"(min {min(bf16) * 1e3:6.1f}); fp32/bf16 {statistics.median(fp32) / statistics.median(bf16):.2f}x "
+                f"(min {min(bf16) * 1e3:6.1f}); "
+                f"fp32/bf16 {statistics.median(fp32) / statistics.median(bf16):.2f}x "
                 f"median, {min(fp32) / min(bf16):.2f}x min"
             )
 

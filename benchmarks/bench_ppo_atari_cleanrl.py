@@ -61,7 +61,10 @@ def read_cleanrl_file(repo: Path, path: str) -> str:
 
 def replace_once(source: str, old: str, new: str, what: str) -> str:
     if source.count(old) != 1:
-        sys.exit(f"error: CleanRL's ppo_atari.py changed; edit '{what}' found {source.count(old)} matches")
+        sys.exit(
+            f"error: CleanRL's ppo_atari.py changed; edit '{what}' "
+            f"found {source.count(old)} matches"
+        )
     return source.replace(old, new)
 
 
@@ -76,7 +79,10 @@ def patch_cleanrl(source: str) -> str:
     )
     # 2., 3. renamed wrappers.
     source = replace_once(
-        source, "gym.wrappers.GrayScaleObservation(env)", "gym.wrappers.GrayscaleObservation(env)", "2"
+        source,
+        "gym.wrappers.GrayScaleObservation(env)",
+        "gym.wrappers.GrayscaleObservation(env)",
+        "2",
     )
     source = replace_once(
         source,
@@ -94,7 +100,8 @@ def patch_cleanrl(source: str) -> str:
     )
     # 5. final_info is a dict of batched arrays in gymnasium 1.x.
     old_logging = re.search(
-        r"( *)if \"final_info\" in infos:\n.*?writer\.add_scalar\(\"charts/episodic_length\"[^\n]*\n",
+        r"( *)if \"final_info\" in infos:\n.*?"
+        r"writer\.add_scalar\(\"charts/episodic_length\"[^\n]*\n",
         source,
         re.S,
     )
@@ -105,7 +112,8 @@ def patch_cleanrl(source: str) -> str:
         f'{pad}if "final_info" in infos and "_episode" in infos["final_info"]:\n'
         f'{pad}    for i in np.flatnonzero(infos["final_info"]["_episode"]):\n'
         f'{pad}        episode = infos["final_info"]["episode"]\n'
-        f"{pad}        print(f\"global_step={{global_step}}, episodic_return={{episode['r'][i]}}\")\n"
+        f'{pad}        print(f"global_step={{global_step}}, '
+        f"episodic_return={{episode['r'][i]}}\")\n"
         f'{pad}        writer.add_scalar("charts/episodic_return", episode["r"][i], global_step)\n'
         f'{pad}        writer.add_scalar("charts/episodic_length", episode["l"][i], global_step)\n'
     )
@@ -127,14 +135,17 @@ def prepare_cleanrl(repo: Path, folder: Path) -> Path:
 
 
 def loop_ranges(script: Path) -> dict[str, tuple[int, int]]:
-    """Line ranges of CleanRL's rollout and update (its loop is module-level code, not functions)."""
+    """Line ranges of CleanRL's rollout and update (its loop is module-level, not functions)."""
     lines = script.read_text().splitlines()
 
     def first(pattern: str) -> int:
         return next(number for number, line in enumerate(lines, 1) if pattern in line)
 
     return {
-        "rollout": (first("for step in range(0, args.num_steps)"), first("# bootstrap value if not done")),
+        "rollout": (
+            first("for step in range(0, args.num_steps)"),
+            first("# bootstrap value if not done"),
+        ),
         "update": (first("for epoch in range(args.update_epochs)"), first("y_pred, y_true")),
     }
 
@@ -153,7 +164,12 @@ def classify(frame, script: str, ranges: dict | None) -> str:
     if ranges is None:  # ppo_atari.py: the loop is made of functions
         if "update" in names:
             return "update"
-        if "main" not in names or "evaluate" in names or "make_envs" in names or "build_agent" in names:
+        if (
+            "main" not in names
+            or "evaluate" in names
+            or "make_envs" in names
+            or "build_agent" in names
+        ):
             return "outside"
         if in_env and ("step" in names or "recv" in names):
             return "env"
@@ -200,7 +216,7 @@ def worker(which: str, script: Path, argv: list[str]) -> None:
 
 
 def sps_from_events(runs: Path) -> tuple[float, float, int]:
-    """(steady steps/s between the first and the last charts/SPS point, the last charts/SPS, steps)."""
+    """(steady steps/s between the first and last charts/SPS points, the last charts/SPS, steps)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     (run_dir,) = [path for path in runs.iterdir() if path.is_dir()]
@@ -209,7 +225,9 @@ def sps_from_events(runs: Path) -> tuple[float, float, int]:
     points = accumulator.Scalars("charts/SPS")
     first, last = points[0], points[-1]
     steady = (
-        (last.step - first.step) / (last.wall_time - first.wall_time) if len(points) > 1 else float("nan")
+        (last.step - first.step) / (last.wall_time - first.wall_time)
+        if len(points) > 1
+        else float("nan")
     )
     return steady, last.value, last.step
 
@@ -235,9 +253,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--total-timesteps", type=int, default=20480, help="agent steps for each script")
-    parser.add_argument("--cleanrl-repo", default=DEFAULT_REPO, help="CleanRL checkout or bare git repo")
-    parser.add_argument("--ours-args", default="", help="extra flags for ppo_atari.py (e.g. --no-bf16)")
+    parser.add_argument(
+        "--total-timesteps", type=int, default=20480, help="agent steps for each script"
+    )
+    parser.add_argument(
+        "--cleanrl-repo", default=DEFAULT_REPO, help="CleanRL checkout or bare git repo"
+    )
+    parser.add_argument(
+        "--ours-args", default="", help="extra flags for ppo_atari.py (e.g. --no-bf16)"
+    )
     parser.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
     options = parser.parse_args()
     if options.worker:
@@ -267,22 +291,26 @@ def main() -> None:
             results[name] = run_one(name, which, script, argv)
 
     print(
-        f"\nPong, {options.total_timesteps} agent steps each, one after the other (cpu_count {os.cpu_count()})"
+        f"\nPong, {options.total_timesteps} agent steps each, one after the other "
+        f"(cpu_count {os.cpu_count()})"
     )
     print(
-        f"{'script':22s} {'steps/s':>8s} {'SPS last':>9s} {'wall s':>7s} {'env':>5s} {'act':>5s} {'update':>6s} {'rest':>5s}"
+        f"{'script':22s} {'steps/s':>8s} {'SPS last':>9s} {'wall s':>7s} "
+        f"{'env':>5s} {'act':>5s} {'update':>6s} {'rest':>5s}"
     )
     for name, result in results.items():
         split = result["split"]
         print(
             f"{name:22s} {result['steady']:8.1f} {result['last_sps']:9.0f} {result['wall']:7.1f} "
-            f"{split['env']:5.0%} {split['acting']:5.0%} {split['update']:6.0%} {split['rest']:5.0%}"
+            f"{split['env']:5.0%} {split['acting']:5.0%} "
+            f"{split['update']:6.0%} {split['rest']:5.0%}"
         )
     ratio = results["ppo_atari.py"]["steady"] / results["CleanRL ppo_atari.py"]["steady"]
     print(f"ratio ppo_atari.py / CleanRL: {ratio:.2f}x (steady steps/s)")
     print(
-        "steps/s: between the first and last charts/SPS points (first iteration left out); SPS last: "
-        "each script's own charts/SPS; wall: the whole process, start-up and evaluation included; "
+        "steps/s: between the first and last charts/SPS points (first iteration left out); "
+        "SPS last: each script's own charts/SPS; "
+        "wall: the whole process, start-up and evaluation included; "
         "env/act/update/rest: shares of the training loop, sampled every 5 ms"
     )
 

@@ -123,21 +123,30 @@ def main() -> None:
         ("1 process", [sys.executable]),
         (
             "2 ranks (torchrun)",
-            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"],
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                "--nproc-per-node",
+                "2",
+            ],
         ),
     ):
         with tempfile.TemporaryDirectory() as workdir:
             sps, steps, wall = train(launcher + script, Path(workdir))
         rows.append((name, sps))
         print(
-            f"{name:<20} {sps:7.1f} agent steps/s (steady, {steps} steps; whole process {wall:.1f} s)",
+            f"{name:<20} {sps:7.1f} agent steps/s "
+            f"(steady, {steps} steps; whole process {wall:.1f} s)",
             flush=True,
         )
     milliseconds = all_reduce_ms(numel, repeats=50)
     print(f"\nspeed-up of 2 ranks over 1 process: x{rows[1][1] / rows[0][1]:.2f}")
     print(
         f"all-reduce of the gradients ({numel:,} float32, gloo, 2 processes on this machine): "
-        f"{milliseconds:.2f} ms median; x {steps_per_update} gradient steps = {milliseconds * steps_per_update:.0f} ms per update"
+        f"{milliseconds:.2f} ms median; x {steps_per_update} gradient steps = "
+        f"{milliseconds * steps_per_update:.0f} ms per update"
     )
 
 

@@ -56,7 +56,9 @@ def make_env(env_id: str, seed: int):
     def thunk():
         env = gym.make(env_id, frameskip=1)
         env = gym.wrappers.RecordEpisodeStatistics(env)
-        env = gym.wrappers.AtariPreprocessing(env, noop_max=30, frame_skip=4, terminal_on_life_loss=True)
+        env = gym.wrappers.AtariPreprocessing(
+            env, noop_max=30, frame_skip=4, terminal_on_life_loss=True
+        )
         if "FIRE" in env.unwrapped.get_action_meanings():
             env = FireReset(env)
         env = gym.wrappers.TransformReward(env, np.sign)
@@ -101,7 +103,9 @@ class Agent(nn.Module):
         return action, probs.log_prob(action), probs.entropy(), self.critic(hidden)
 
 
-def ppo_update(agent, optimizer, args, b_obs, b_logprobs, b_actions, b_advantages, b_returns, b_values):
+def ppo_update(
+    agent, optimizer, args, b_obs, b_logprobs, b_actions, b_advantages, b_returns, b_values
+):
     batch_size = args.num_envs * args.num_steps
     minibatch_size = batch_size // args.num_minibatches
     b_inds = np.arange(batch_size)
@@ -143,11 +147,15 @@ def main(args: Args) -> float:
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     device = torch.device("cpu")
-    envs = gym.vector.SyncVectorEnv([make_env(args.env_id, args.seed + i) for i in range(args.num_envs)])
+    envs = gym.vector.SyncVectorEnv(
+        [make_env(args.env_id, args.seed + i) for i in range(args.num_envs)]
+    )
     agent = Agent(envs).to(device)
     optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)
 
-    obs = torch.zeros((args.num_steps, args.num_envs) + envs.single_observation_space.shape).to(device)
+    obs = torch.zeros((args.num_steps, args.num_envs) + envs.single_observation_space.shape).to(
+        device
+    )
     actions = torch.zeros((args.num_steps, args.num_envs)).to(device)
     logprobs = torch.zeros((args.num_steps, args.num_envs)).to(device)
     rewards = torch.zeros((args.num_steps, args.num_envs)).to(device)
@@ -161,7 +169,9 @@ def main(args: Args) -> float:
     next_done = torch.zeros(args.num_envs).to(device)
     num_iterations = args.total_timesteps // (args.num_envs * args.num_steps)
     for iteration in range(1, num_iterations + 1):
-        optimizer.param_groups[0]["lr"] = (1.0 - (iteration - 1.0) / num_iterations) * args.learning_rate
+        optimizer.param_groups[0]["lr"] = (
+            1.0 - (iteration - 1.0) / num_iterations
+        ) * args.learning_rate
         for step in range(args.num_steps):
             global_step += args.num_envs
             obs[step] = next_obs
@@ -174,7 +184,10 @@ def main(args: Args) -> float:
             next_obs, reward, terminations, truncations, infos = envs.step(action.cpu().numpy())
             next_done = np.logical_or(terminations, truncations)
             rewards[step] = torch.tensor(reward).to(device).view(-1)
-            next_obs, next_done = torch.Tensor(next_obs).to(device), torch.Tensor(next_done).to(device)
+            next_obs, next_done = (
+                torch.Tensor(next_obs).to(device),
+                torch.Tensor(next_done).to(device),
+            )
 
         with torch.no_grad():
             next_value = agent.get_value(next_obs).reshape(1, -1)

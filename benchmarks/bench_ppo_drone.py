@@ -91,7 +91,8 @@ def run_train(num_envs: int, total_timesteps: int) -> float:
     with tempfile.TemporaryDirectory() as workdir:
         command = [
             sys.executable, str(ROOT / "ppo_drone.py"), "--num-envs", str(num_envs),
-            "--total-timesteps", str(total_timesteps), "--no-save-model", "--eval-episodes", "1", "--num-eval-envs", "1",
+            "--total-timesteps", str(total_timesteps), "--no-save-model",
+            "--eval-episodes", "1", "--num-eval-envs", "1",
         ]  # fmt: skip
         done = subprocess.run(command, cwd=workdir, capture_output=True, text=True, check=False)
         if done.returncode != 0:
@@ -113,7 +114,9 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--num-envs", type=int, default=1024)
-    parser.add_argument("--total-timesteps", type=int, default=16384 * 12, help="training budget per round")
+    parser.add_argument(
+        "--total-timesteps", type=int, default=16384 * 12, help="training budget per round"
+    )
     parser.add_argument(
         "--sim-steps", type=int, default=300, help="random steps of every drone per sim round"
     )
@@ -126,13 +129,15 @@ def main() -> None:
         rates["pipeline"].append(run_sim(args.num_envs, args.sim_steps, pipeline=True))
         rates["train"].append(run_train(args.num_envs, args.total_timesteps))
         print(
-            f"round {round_index}: sim {rates['sim'][-1]:9.0f}  pipeline {rates['pipeline'][-1]:9.0f}  "
+            f"round {round_index}: sim {rates['sim'][-1]:9.0f}  "
+            f"pipeline {rates['pipeline'][-1]:9.0f}  "
             f"train {rates['train'][-1]:9.0f} env steps/s ({args.num_envs} drones)",
             flush=True,
         )
     median = {name: statistics.median(values) for name, values in rates.items()}
     print(
-        f"median env steps/s: sim {median['sim']:.0f}, pipeline {median['pipeline']:.0f}, train {median['train']:.0f}"
+        f"median env steps/s: sim {median['sim']:.0f}, pipeline {median['pipeline']:.0f}, "
+        f"train {median['train']:.0f}"
     )
     print(
         f"ratios: train / sim = {median['train'] / median['sim']:.1%}, "

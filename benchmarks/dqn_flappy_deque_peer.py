@@ -38,7 +38,9 @@ class DequeReplayBuffer:
             if self.pending[e] is not None:
                 self.memory.append((*self.pending[e], np.array(obs[e])))
             # The autoreset step (final observation) starts no transition.
-            self.pending[e] = None if final[e] else (np.array(obs[e]), actions[e], rewards[e], terminated[e])
+            self.pending[e] = (
+                None if final[e] else (np.array(obs[e]), actions[e], rewards[e], terminated[e])
+            )
 
     def sample(self, batch_size):
         batch = (
