@@ -332,6 +332,7 @@ def test_smoke_run_logs_every_key_saves_a_checkpoint_and_tracks_with_wandb(run_s
         )
     )
     assert result.steps("charts/SPS")[-1] == 1024
+    assert result.steps("charts/solved_check_min_return") == [1024]  # one check, at its frequency
     assert len(result.values("eval/episodic_return")) == 2
     (checkpoint,) = result.checkpoints()
     state = torch.load(checkpoint, weights_only=True)
