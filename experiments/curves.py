@@ -1,7 +1,7 @@
 """Learning curves over several seeds: each script run as a user runs it, plotted and tabled.
 
-    python experiments/curves.py                                   # every CPU script, seeds 42 123 456
-    python experiments/curves.py --scripts ppo_cartpole actor_critic --seeds 1 2 3 --out curves/cartpole
+    python experiments/curves.py                  # every CPU script, seeds 42 123 456
+    python experiments/curves.py --scripts ppo_cartpole actor_critic --seeds 1 2 3 --out cartpole
     python experiments/curves.py --scripts ppo_cartpole --total-timesteps 20000 --peers
 
 Every (script, seed) pair is one subprocess, `python <script>.py --seed S` with the script's default
@@ -57,10 +57,18 @@ from typing import NoReturn
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-SCRIPTS = ("ppo_cartpole", "actor_critic", "qlearning_cartpole", "dqn_flappy", "ppo_drone", "ppo_atari")
+SCRIPTS = (
+    "ppo_cartpole",
+    "actor_critic",
+    "qlearning_cartpole",
+    "dqn_flappy",
+    "ppo_drone",
+    "ppo_atari",
+)
 CPU_SCRIPTS = SCRIPTS[:-1]  # the default: those that train on a CPU in minutes
 PEERS = {"ppo_cartpole": "sb3_ppo", "actor_critic": "sb3_a2c"}
 PEER_BUDGETS = {"sb3_ppo": 100_000, "sb3_a2c": 500_000}  # RL-Zoo's n_timesteps for CartPole-v1
+Points = list[tuple[int, float, float]]  # one scalar's (step, wall time, value), in order
 WINDOW = 20  # training returns are smoothed by the mean of the last WINDOW episodes
 # The summary line every script prints last for a finished run: its final step and its time.
 SUMMARY_LINE = re.compile(r"^done: (\d+) steps in [0-9.]+s \(", re.MULTILINE)
@@ -94,7 +102,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--scripts", nargs="*", default=list(CPU_SCRIPTS), help="scripts, by name")
     parser.add_argument("--seeds", nargs="*", type=int, default=[42, 123, 456])
-    parser.add_argument("--out", type=Path, default=Path("curves"), help="folder of the figures and table")
+    parser.add_argument("--out", type=Path, default=Path("curves"), help="folder of the outputs")
     parser.add_argument("--total-timesteps", type=int, default=None, help="override every budget")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="runs at once")
     parser.add_argument("--peers", action="store_true", help="also run SB3 PPO / A2C on CartPole")
@@ -137,13 +145,20 @@ class RunResult:
     launched: float = 0.0
     final_step: int | None = None  # from the run's summary line; None where it printed none
     error: str | None = None
-    scalars: dict[str, list[tuple[int, float, float]]] = field(default_factory=dict)  # step, time, value
+    scalars: dict[str, Points] = field(default_factory=dict)  # by tag
 
 
 def command_for(args: argparse.Namespace, script: str, seed: int, workdir: Path) -> list[str]:
     if script in PEERS.values():
         budget = args.total_timesteps or PEER_BUDGETS[script]
-        return [sys.executable, str(Path(__file__).resolve()), "--peer-child", script, str(seed), str(budget)]
+        return [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--peer-child",
+            script,
+            str(seed),
+            str(budget),
+        ]
     command = [sys.executable, str(ROOT / f"{script}.py"), "--seed", str(seed)]
     if args.total_timesteps is not None:
         command += ["--total-timesteps", str(args.total_timesteps)]
@@ -166,7 +181,11 @@ def run_one(args: argparse.Namespace, script: str, seed: int) -> RunResult:
     result.launched = time.time()
     with open(workdir / "stdout.log", "w") as stdout, open(workdir / "stderr.log", "w+") as stderr:
         process = subprocess.run(
-            command_for(args, script, seed, workdir), cwd=workdir, stdout=stdout, stderr=stderr, env=env
+            command_for(args, script, seed, workdir),
+            cwd=workdir,
+            stdout=stdout,
+            stderr=stderr,
+            env=env,
         )
         result.wall = time.time() - result.launched
         if process.returncode != 0:
@@ -185,12 +204,12 @@ def reported_final_step(stdout: str) -> int | None:
     return int(steps[-1]) if steps else None
 
 
-def read_scalars(workdir: Path) -> dict[str, list[tuple[int, float, float]]]:
+def read_scalars(workdir: Path) -> dict[str, Points]:
     """Every scalar of the run's TensorBoard files: key -> [(step, wall time, value)] in order."""
     from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
     from tensorboard.util import tensor_util
 
-    scalars: dict[str, list[tuple[int, float, float]]] = {}
+    scalars: dict[str, Points] = {}
     for event_file in sorted(workdir.rglob("events.out.tfevents.*")):
         for event in EventFileLoader(str(event_file)).Load():
             for value in event.summary.value:
@@ -200,7 +219,7 @@ def read_scalars(workdir: Path) -> dict[str, list[tuple[int, float, float]]]:
                     number = float(tensor_util.make_ndarray(value.tensor))
                 else:
                     continue
-                scalars.setdefault(value.tag, []).append((event.step, event.wall_time, float(number)))
+                scalars.setdefault(value.tag, []).append((event.step, event.wall_time, number))
     return scalars
 
 
@@ -220,7 +239,8 @@ def peer_child(name: str, seed: int, budget: int) -> None:
         def _on_step(self) -> bool:
             for info in self.locals["infos"]:
                 if "episode" in info:  # added by SB3's Monitor wrapper when an episode ends
-                    writer.add_scalar("charts/episodic_return", info["episode"]["r"], self.num_timesteps)
+                    episode_return = info["episode"]["r"]
+                    writer.add_scalar("charts/episodic_return", episode_return, self.num_timesteps)
             return True
 
     envs = make_vec_env("CartPole-v1", n_envs=8, seed=seed)
@@ -258,7 +278,7 @@ def peer_child(name: str, seed: int, budget: int) -> None:
 # Curves and table
 
 
-def smoothed(points: list[tuple[int, float, float]], window: int = WINDOW) -> tuple[np.ndarray, ...]:
+def smoothed(points: Points, window: int = WINDOW) -> tuple[np.ndarray, ...]:
     """(steps, wall times, mean of the last `window` returns) after each episode."""
     steps = np.array([step for step, _, _ in points], dtype=float)
     times = np.array([wall for _, wall, _ in points], dtype=float)
@@ -302,9 +322,11 @@ def plot_script(script: str, runs: list[RunResult], path: Path) -> None:
             by_steps.append((steps, means))
             by_time.append((times - run.launched, means))
             if extra and run.scalars.get(extra[0]):
-                points = run.scalars[extra[0]]
-                by_extra.append((np.array([p[0] for p in points], float), np.array([p[2] for p in points])))
-        curves = [(axes[0], by_steps), (axes[1], by_time)] + ([(axes[2], by_extra)] if extra else [])
+                points = np.array(run.scalars[extra[0]])
+                by_extra.append((points[:, 0], points[:, 2]))
+        curves = [(axes[0], by_steps), (axes[1], by_time)]
+        if extra:
+            curves.append((axes[2], by_extra))
         for axis, per_seed in curves:
             for x, y in per_seed:
                 axis.plot(x, y, color=color, linewidth=0.6, alpha=0.45)
@@ -312,7 +334,8 @@ def plot_script(script: str, runs: list[RunResult], path: Path) -> None:
             summary = band(per_seed)
             if summary is not None:
                 grid, mean, low, high = summary
-                axis.plot(grid, mean, color=color, linewidth=2, label=f"{name} ({len(per_seed)} seeds)")
+                label = f"{name} ({len(per_seed)} seeds)"
+                axis.plot(grid, mean, color=color, linewidth=2, label=label)
                 axis.fill_between(grid, low, high, color=color, alpha=0.2)
     axes[0].set_xlabel("environment steps")
     axes[1].set_xlabel("seconds since the process started")
@@ -342,11 +365,17 @@ def table_rows(runs: list[RunResult]) -> list[dict]:
     """One row per run: what it scored, how far and how fast it got."""
     rows = []
     for run in runs:
-        row = {"script": run.script, "seed": run.seed, "wall_s": round(run.wall, 3), "error": run.error or ""}
+        row = {
+            "script": run.script,
+            "seed": run.seed,
+            "wall_s": round(run.wall, 3),
+            "error": run.error or "",
+        }
         if run.error is None:
             steps = run.final_step
             row["steps"] = steps
-            row["steps_per_s"] = round(steps / run.wall, 1) if steps is not None and run.wall else None
+            known = steps is not None and run.wall > 0
+            row["steps_per_s"] = round(steps / run.wall, 1) if known else None
             returns = eval_values(run, "eval/episodic_return")
             row["eval_return"] = float(np.mean(returns)) if returns else None
             row["eval_return_std"] = float(np.std(returns)) if returns else None
@@ -369,15 +398,16 @@ def write_table(rows: list[dict], args: argparse.Namespace) -> None:
         writer.writeheader()
         writer.writerows(rows)
 
-    parallel = (
-        f"{args.jobs} runs at a time on {os.cpu_count()} cores" if args.jobs > 1 else "one run at a time"
-    )
+    parallel = f"{args.jobs} runs at a time on {os.cpu_count()} cores"
+    if args.jobs == 1:
+        parallel = "one run at a time"
     lines = [
         f"Seeds {', '.join(map(str, args.seeds))}; default settings"
         + (f", --total-timesteps {args.total_timesteps}" if args.total_timesteps else "")
         + f"; {parallel} (wall times and steps/s are whole processes).",
         "",
-        "| script | final evaluation, mean ± std over seeds | per seed | env steps (mean) | wall time (mean) | steps/s (mean) | more |",
+        "| script | final evaluation, mean ± std over seeds | per seed | env steps (mean) "
+        "| wall time (mean) | steps/s (mean) | more |",
         "|---|---|---|---|---|---|---|",
     ]
     for script in dict.fromkeys(row["script"] for row in rows):
@@ -397,7 +427,8 @@ def write_table(rows: list[dict], args: argparse.Namespace) -> None:
                 more.append(f"{name}: " + ", ".join(f"{value:.3g}" for value in values))
         lines.append(
             f"| {script} | {summary} | {per_seed} | {fmt(mean_of(done, 'steps'), 0)} | "
-            f"{fmt(mean_of(done, 'wall_s'))} s | {fmt(mean_of(done, 'steps_per_s'), 0)} | {'; '.join(more)} |"
+            f"{fmt(mean_of(done, 'wall_s'))} s | {fmt(mean_of(done, 'steps_per_s'), 0)} | "
+            f"{'; '.join(more)} |"
         )
     lines += ["", *(f"![{script}]({script}.png)" for script in dict.fromkeys(args.scripts))]
     (args.out / "results.md").write_text("\n".join(lines) + "\n")
@@ -414,16 +445,21 @@ def main(argv: list[str] | None = None) -> int:
 
     jobs = [(script, seed) for script in args.scripts for seed in args.seeds]
     if args.peers:
-        jobs += [(PEERS[script], seed) for script in args.scripts if script in PEERS for seed in args.seeds]
-    earlier = [f"{script} seed {seed}" for script, seed in jobs if workdir_of(args, script, seed).exists()]
+        peers = [PEERS[script] for script in args.scripts if script in PEERS]
+        jobs += [(peer, seed) for peer in peers for seed in args.seeds]
+    earlier = [(script, seed) for script, seed in jobs if workdir_of(args, script, seed).exists()]
     if earlier:
         runs = "run" if len(earlier) == 1 else "runs"
+        names = ", ".join(f"{script} seed {seed}" for script, seed in earlier)
         print(
-            f"replacing the earlier {runs} in --out of {', '.join(earlier)}: "
+            f"replacing the earlier {runs} in --out of {names}: "
             f"every run starts in an emptied folder under {args.out / 'runs'}"
         )
     results: list[RunResult] = []
-    with ThreadPoolExecutor(max_workers=args.jobs) as pool, tqdm(total=len(jobs), unit="run") as progress:
+    with (
+        ThreadPoolExecutor(max_workers=args.jobs) as pool,
+        tqdm(total=len(jobs), unit="run") as progress,
+    ):
         futures = [pool.submit(run_one, args, script, seed) for script, seed in jobs]
         for future in futures:
             result = future.result()
@@ -432,11 +468,14 @@ def main(argv: list[str] | None = None) -> int:
             progress.set_postfix_str(f"{result.script} seed {result.seed}", refresh=True)
     for result in results:
         if result.error:
-            print(f"error: {result.script} seed {result.seed} failed ({result.error})", file=sys.stderr)
+            print(
+                f"error: {result.script} seed {result.seed} failed ({result.error})",
+                file=sys.stderr,
+            )
         elif result.final_step is None:
             print(
-                f"warning: {result.script} seed {result.seed} printed no `done: <step> steps` line; "
-                "its steps and steps/s are left blank",
+                f"warning: {result.script} seed {result.seed} printed no `done: <step> steps` "
+                "line; its steps and steps/s are left blank",
                 file=sys.stderr,
             )
 
@@ -444,12 +483,16 @@ def main(argv: list[str] | None = None) -> int:
         runs = [run for run in results if run.script in (script, PEERS.get(script))]
         plot_script(script, runs, args.out / f"{script}.png")
     write_table(table_rows(results), args)
-    (args.out / "runs.json").write_text(
-        json.dumps(
-            [{"script": r.script, "seed": r.seed, "wall_s": r.wall, "error": r.error} for r in results],
-            indent=1,
-        )
-    )
+    run_records = [
+        {
+            "script": run.script,
+            "seed": run.seed,
+            "wall_s": run.wall,
+            "error": run.error,
+        }
+        for run in results
+    ]
+    (args.out / "runs.json").write_text(json.dumps(run_records, indent=1))
     print(f"wrote {args.out / 'results.md'}, results.csv and {len(args.scripts)} figures")
     return 1 if any(result.error for result in results) else 0
 

