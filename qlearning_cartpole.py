@@ -1,31 +1,21 @@
 """Tabular Q-learning on a discretised, vectorised CartPole-v1, in NumPy alone.
 
-Cuts each observation dimension into a few bins between clipping bounds (flags), keeps one
-Q-value per (cell, action) in a NumPy table, and learns it with the one-step Q-learning update
-r + gamma * max_a' Q(s', a') from many CartPole environments stepped together. Exploration is
-epsilon-greedy with a linear decay; the step size decays linearly too, so that the table settles
-instead of chasing the noise of a discretised, hence partly observed, state. An optional small
-experience replay re-applies the update to past transitions. Any gymnasium environment with a
-1-D Box observation and a Discrete action space works, given one bin count and one pair of bounds
-per observation dimension.
+Each observation dimension is cut into a few bins between clipping bounds; a NumPy table holds one
+Q-value per (cell, action), learnt with the one-step update r + gamma max_a' Q(s', a') from many
+envs stepped together, exploring epsilon-greedily, optionally replaying past transitions. Any
+gymnasium env with a 1-D Box observation and Discrete actions works, given bins and bounds for it.
 
 Run:
-    python qlearning_cartpole.py                # train, evaluate, save runs/<run>/qlearning_cartpole.npz
+    python qlearning_cartpole.py                                           # train, evaluate, save
+    python qlearning_cartpole.py --resume runs/<run>/qlearning_cartpole.npz    # continue a run
     python qlearning_cartpole.py --eval-checkpoint runs/<run>/qlearning_cartpole.npz --capture-video
-    python qlearning_cartpole.py --resume runs/<run>/qlearning_cartpole.npz   # continue a stopped run
-    tensorboard --logdir runs
 
-Expect: with the defaults and seed 1 the greedy policy balances the pole for the full 500 steps
-after 2M environment steps (128 envs): evaluation return 500 ± 0 over the default 10 episodes,
-and over 100 (`--eval-episodes 100`); over 100 episodes seeds 2-6 gave 481, 500, 500, 500 and
-498. That is about 10 s of CPU time (15-35 s wall on a busy 2-core laptop-class CPU), at
-60k-140k steps/s and 600-1,900 episodes/s.
+Expect: the pole balanced for all 500 steps of every evaluation episode after the default 2M
+steps, in seconds on a CPU; README.md has the measured results over several seeds.
 """
 
 from __future__ import annotations
 
-import difflib
-import hashlib
 import json
 import os
 import random
@@ -46,11 +36,12 @@ from tensorboard.plugins.text.summary_v2 import text_pb
 from tensorboard.summary.writer import event_file_writer
 from tqdm import tqdm
 
-# Checkpoints say what they hold by this kind, not by the file name, so that a renamed copy of
+# Checkpoints say what they hold by this kind, not by the script's file name, so a renamed copy of
 # this script still loads its own checkpoints.
 CHECKPOINT_KIND = "q-table/1"
-# A bigger table would not fit in memory, and could never be filled with experience anyway.
-MAX_TABLE_CELLS = 50_000_000
+# Earlier kinds that are evaluated but not resumed: none, the table's file has not changed yet.
+EVALUATED_KINDS: tuple[str, ...] = ()
+CHECKPOINT_SUFFIX = ".npz"
 
 
 @dataclass
@@ -58,7 +49,7 @@ class Args:
     exp_name: str = Path(__file__).stem
     """name of this experiment (part of the run name and of the checkpoint file name)"""
     seed: int = 1
-    """seed of random, NumPy and the environments"""
+    """seed of random, NumPy and the environments (env i gets seed + i)"""
     track: bool = False
     """log the run to Weights & Biases (works offline with WANDB_MODE=offline)"""
     wandb_project_name: str = "rl-scripts"
@@ -70,31 +61,30 @@ class Args:
     capture_video: bool = False
     """record the evaluation episodes as mp4 under videos/<run_name>/"""
     save_model: bool = True
-    """save the checkpoint runs/<run_name>/<exp_name>.npz (at the end, periodically, on Ctrl-C)"""
+    """save the checkpoint runs/<run_name>/<exp_name>.npz (at the end, periodically, on a signal)"""
     checkpoint_freq: int = 500_000
-    """also save a checkpoint every this many environment steps, each kept in
-    runs/<run_name>/checkpoints/ with the trained agent at the end (0: none of them)"""
+    """also checkpoint every this many env steps, each kept in runs/<run>/checkpoints/ (0: off)"""
     log_interval: int = 10_000
-    """write the learning rate, epsilon, SPS and TD statistics every this many environment steps"""
+    """write the learning rate, epsilon, SPS and TD statistics every this many env steps"""
     resume: str | None = None
-    """path of a checkpoint to continue training from, with its settings"""
+    """path of a checkpoint to continue training from (with the checkpoint's settings)"""
     eval_checkpoint: str | None = None
     """path of a checkpoint to evaluate for --eval-episodes episodes, then exit"""
     eval_episodes: int = 10
-    """episodes of the final greedy evaluation (and of --eval-checkpoint)"""
+    """episodes of the final greedy evaluation and of --eval-checkpoint"""
 
     env_id: str = "CartPole-v1"
     """a gymnasium environment with a 1-D Box observation and a Discrete action space"""
     total_timesteps: int = 2_000_000
     """environment steps to train for (summed over the vectorised envs)"""
     num_envs: int = 128
-    """environments stepped together (one NumPy call costs about the same for 1 or 128 envs)"""
+    """number of environments stepped together"""
     bins: tuple[int, ...] = (3, 3, 8, 10)
-    """bins per observation dimension (CartPole: cart position and velocity, pole angle and rate)"""
+    """bins per observation dimension (CartPole: cart position, velocity, pole angle, its rate)"""
     obs_low: tuple[float, ...] = (-2.4, -1.5, -0.21, -1.5)
-    """lower clipping bound per observation dimension: anything below falls in the first bin"""
+    """lower clipping bound per observation dimension: anything below is in the first bin"""
     obs_high: tuple[float, ...] = (2.4, 1.5, 0.21, 1.5)
-    """upper clipping bound per observation dimension: anything above falls in the last bin"""
+    """upper clipping bound per observation dimension: anything above is in the last bin"""
     learning_rate: float = 0.5
     """step size alpha of the Q update at the start (decayed linearly to --end-learning-rate)"""
     end_learning_rate: float = 0.01
@@ -116,43 +106,23 @@ class Args:
     def num_iterations(self) -> int:
         return max(1, self.total_timesteps // self.num_envs)
 
-    @property
-    def num_states(self) -> int:
-        return int(np.prod(self.bins))
-
 
 def make_envs(env_id: str, num_envs: int) -> gym.vector.VectorEnv:
-    """Vectorised envs with episode statistics, through the fastest implementation available.
-
-    CartPole has a pure-NumPy vector implementation (`vector_entry_point`) whose step costs about
-    the same for 1 or 128 envs, so many envs give many transitions per Python-level step; other
-    envs are stepped in a loop. Either way the env autoresets on the *next* step (gymnasium >=
-    1.0), which `main` masks out of the updates.
-    """
+    """Vectorised envs with episode statistics (CartPole's NumPy vector env steps 128 envs about as
+    fast as 1; other envs step in a loop), autoresetting on the *next* step, which `main` masks."""
     mode = "vector_entry_point" if gym.spec(env_id).vector_entry_point else "sync"
     envs = gym.make_vec(env_id, num_envs=num_envs, vectorization_mode=mode)
     return gym.wrappers.vector.RecordEpisodeStatistics(envs)
 
 
-# --- the Q-table -----------------------------------------------------------------------------
-
-
 def discretize(obs: np.ndarray, low: np.ndarray, high: np.ndarray, bins: np.ndarray) -> np.ndarray:
-    """Map (N, D) observations to N flat cell indices of a table with `bins[d]` cells in dimension d.
-
-    Dimension d is cut into `bins[d]` equal-width bins between `low[d]` and `high[d]`; a value on
-    an inner edge belongs to the bin above it. Values outside [low, high] are clipped into the
-    first or last bin however far out they are (CartPole leaves its velocities unbounded, and a
-    coarse table cannot afford bins for rare extremes). The per-dimension indices are flattened
-    in C order: cell = ((i0 * bins[1] + i1) * bins[2] + i2) * ...
+    """Map (N, D) observations to N flat cell indices: dimension d cut into `bins[d]` equal bins
+    between `low[d]` and `high[d]` (a value on an inner edge is in the bin above it), values outside
+    clipped into the first or last bin (CartPole's velocities are unbounded, and a coarse table
+    cannot afford bins for rare extremes), flattened in C order: ((i0 * bins[1] + i1) * bins[2]...
     """
     scaled = np.clip((obs - low) / (high - low) * bins, 0, bins - 1)
     return np.ravel_multi_index(np.floor(scaled).astype(np.int64).T, bins)
-
-
-def discretisation(obs_low, obs_high, bins) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The bounds and bin counts as arrays, as `discretize` takes them."""
-    return np.array(obs_low, dtype=np.float64), np.array(obs_high, dtype=np.float64), np.array(bins)
 
 
 def linear_schedule(start: float, end: float, duration: float, t: float) -> float:
@@ -163,33 +133,20 @@ def linear_schedule(start: float, end: float, duration: float, t: float) -> floa
 
 
 def epsilon_greedy(q_values: np.ndarray, epsilon: float, rng: np.random.Generator) -> np.ndarray:
-    """For (N, A) action values: the greedy action, replaced by a uniform one with probability epsilon."""
+    """For (N, A) action values: the greedy action, or with probability epsilon a uniform one."""
     greedy = q_values.argmax(axis=1)
     explore = rng.random(len(q_values)) < epsilon
     return np.where(explore, rng.integers(0, q_values.shape[1], len(q_values)), greedy)
 
 
-def q_learning_update(
-    q_table: np.ndarray,
-    states: np.ndarray,
-    actions: np.ndarray,
-    rewards: np.ndarray,
-    next_states: np.ndarray,
-    terminated: np.ndarray,
-    learning_rate: float,
-    gamma: float,
-) -> np.ndarray:
-    """Apply one Q-learning update to `q_table` (in place) from a batch of transitions.
-
-    target = r + gamma * max_a' Q(s', a'), without the second term where the episode
-    *terminated*: nothing follows a terminal state. A *truncated* episode (time limit) is not
-    terminal, and its caller passes the final observation as s', so it is bootstrapped from.
-    All targets are computed from the table before the update. Several transitions of one batch
-    can hit the same (s, a) cell (many envs pass through the upright state at once); summing
-    their updates would multiply the step size, so a cell hit k times moves towards the mean of
-    its targets by 1 - (1 - alpha)^k, which is exactly what k updates in a row would do if their
-    targets agreed. Returns the TD errors target - Q(s, a) of the transitions.
-    """
+def q_learning_update(q_table, states, actions, rewards, next_states, terminated,
+                      learning_rate: float, gamma: float) -> np.ndarray:  # fmt: skip
+    """One Q-learning update of `q_table`, in place, from a batch of transitions; returns their TD
+    errors target - Q(s, a). target = r + gamma * max_a' Q(s', a'), without the bootstrap where the
+    episode *terminated*; a *truncated* one (time limit) is bootstrapped from its final observation.
+    Every target comes from the table before the update. A cell hit k times in one batch (many envs
+    pass the upright state at once) moves towards the mean of its targets by 1 - (1 - alpha)^k, as
+    k updates in a row would if their targets agreed: a sum would multiply the step size."""
     bootstrap = np.where(terminated, 0.0, q_table[next_states].max(axis=1))
     targets = rewards + gamma * bootstrap
     td_errors = targets - q_table[states, actions]
@@ -215,8 +172,14 @@ def new_replay(size: int) -> dict[str, np.ndarray]:
     }
 
 
-def replay_update(q_table, replay, batch, args, learning_rate, rng) -> np.ndarray:
-    """Store the new transitions in the replay ring buffer, then update a uniform sample of it."""
+def update(q_table, replay, batch, args, learning_rate, rng) -> tuple[np.ndarray, np.ndarray]:
+    """One vector step's learning: the Q-learning update on the new transitions `batch`; with a
+    replay, they go into its ring buffer and a uniform sample of it is updated too. Returns the TD
+    errors of every transition updated and Q(s, a) of the new ones right after their update."""
+    td_errors = q_learning_update(q_table, *batch, learning_rate, args.gamma)
+    q_values = q_table[batch[0], batch[1]]  # a copy: the replay's update does not change it
+    if not args.replay_size:
+        return td_errors, q_values
     keys = ("states", "actions", "rewards", "next_states", "terminated")
     size, position = args.replay_size, int(replay["position"])
     slots = (position + np.arange(len(batch[0]))) % size  # validate() keeps size >= num_envs
@@ -226,68 +189,53 @@ def replay_update(q_table, replay, batch, args, learning_rate, rng) -> np.ndarra
     replay["count"] = np.array(min(size, int(replay["count"]) + len(batch[0])))
     sample = rng.integers(0, int(replay["count"]), args.replay_batch_size)
     replayed = [replay[key][sample] for key in keys]
-    return q_learning_update(q_table, *replayed, learning_rate, args.gamma)
-
-
-def update(q_table, replay, batch, args, learning_rate, rng) -> tuple[np.ndarray, np.ndarray]:
-    """One vector step's learning: the Q-learning update on the new transitions `batch`, then,
-    with a replay, on a sample of past ones. Returns the TD errors of every transition updated
-    and the values Q(s, a) of the new transitions right after their update."""
-    td_errors = q_learning_update(q_table, *batch, learning_rate, args.gamma)
-    q_values = q_table[batch[0], batch[1]]  # a copy: the replay's update does not change it
-    if args.replay_size:
-        td_errors = np.concatenate(
-            [td_errors, replay_update(q_table, replay, batch, args, learning_rate, rng)]
-        )
-    return td_errors, q_values
+    replayed_td_errors = q_learning_update(q_table, *replayed, learning_rate, args.gamma)
+    return np.concatenate([td_errors, replayed_td_errors]), q_values
 
 
 def main(args: Args) -> None:
     validate(args)
     if args.eval_checkpoint:
-        evaluate_checkpoint(args)
-        return
-    checkpoint = load_checkpoint(args.resume) if args.resume else None
-    if checkpoint is not None:
-        check_settings(args, checkpoint["args"], RESUME_MAY_CHANGE)
-        run_name, global_step = checkpoint["run_name"], checkpoint["global_step"]
-    else:
-        run_name = f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"
-        global_step = 0
-    run = Run(args, run_name, total_steps=args.num_iterations * args.num_envs, global_step=global_step)
-    # A resumed run reseeds with an offset, so that it does not replay the random stream of its start.
+        return evaluate_checkpoint(args)
+    # The run's name, loggers, progress bar and stop signals; with --resume, the saved state.
+    run = Run(args, total_steps=args.num_iterations * args.num_envs)
+    global_step = run.start_step
+    # A resumed run reseeds with an offset so it does not replay the random stream of its start.
     seed = args.seed + global_step // args.num_envs
     rng = seed_everything(seed)
     envs = make_envs(args.env_id, args.num_envs)
-    low, high, bins = discretisation(args.obs_low, args.obs_high, args.bins)
+    low, high, bins = np.array(args.obs_low), np.array(args.obs_high), np.array(args.bins)
     # Zeros are a fair start for CartPole's +1 rewards: every tried action looks better than an
     # untried one, and epsilon-greedy exploration, not optimism, visits the rest.
-    q_table = np.zeros((args.num_states, int(envs.single_action_space.n)))
+    q_table = np.zeros((int(np.prod(args.bins)), int(envs.single_action_space.n)))
     replay = new_replay(args.replay_size)
-    if checkpoint is not None:
-        q_table, replay = restore(checkpoint, q_table, replay)
+    run.restore(q_table=q_table, replay=replay)  # with --resume
 
     def training_state() -> dict:
         return {
             "kind": CHECKPOINT_KIND,
             "env_id": args.env_id,
-            "run_name": run_name,
+            "run_name": run.name,
             "args": asdict(args),
             "global_step": global_step,
             "q_table": q_table,
             "replay": replay,
         }
 
-    obs, _ = envs.reset(seed=seed)
-    states = discretize(obs, low, high, bins)
+    states = discretize(envs.reset(seed=seed)[0], low, high, bins)
     # True where the env's previous step ended an episode: its next step is the autoreset step.
     next_is_autoreset = np.zeros(args.num_envs, dtype=bool)
+    # Sums since the last log, of which losses/td_loss and losses/q_values are the means.
     td_squares, td_count, q_sum, q_count = 0.0, 0, 0.0, 0
-    exploration_steps = args.exploration_fraction * args.total_timesteps
-    for iteration in range(global_step // args.num_envs + 1, args.num_iterations + 1):
-        epsilon = linear_schedule(args.start_epsilon, args.end_epsilon, exploration_steps, global_step)
-        alpha = linear_schedule(args.learning_rate, args.end_learning_rate, args.total_timesteps, global_step)
-        previous_step, global_step = global_step, global_step + args.num_envs
+    training_episodes = 0  # for the summary's episodes per second
+    explore_steps = args.exploration_fraction * args.total_timesteps
+    for _ in range(global_step // args.num_envs, args.num_iterations):
+        previous_step = global_step
+        epsilon = linear_schedule(args.start_epsilon, args.end_epsilon, explore_steps, global_step)
+        alpha = linear_schedule(
+            args.learning_rate, args.end_learning_rate, args.total_timesteps, global_step
+        )
+        global_step += args.num_envs
 
         actions = epsilon_greedy(q_table[states], epsilon, rng)
         obs, rewards, terminated, truncated, infos = envs.step(actions)
@@ -297,40 +245,36 @@ def main(args: Args) -> None:
         # is left out of the update. The step that ends an episode does return the episode's
         # final observation, so a truncated episode is bootstrapped from its real last state.
         valid = ~next_is_autoreset
-        batch = (states[valid], actions[valid], rewards[valid], next_states[valid], terminated[valid])
+        batch = tuple(array[valid] for array in (states, actions, rewards, next_states, terminated))
         td_errors, q_values = update(q_table, replay, batch, args, alpha, rng)
         next_is_autoreset, states = terminated | truncated, next_states
-        td_squares, td_count = td_squares + float(np.square(td_errors).sum()), td_count + len(td_errors)
-        q_sum, q_count = q_sum + float(q_values.sum()), q_count + len(q_values)
+        td_squares, td_count = td_squares + np.square(td_errors).sum(), td_count + len(td_errors)
+        q_sum, q_count = q_sum + q_values.sum(), q_count + len(q_values)
+        training_episodes += log_episodes(run, infos, global_step)
 
-        if "episode" in infos:
-            ended = infos["_episode"]
-            run.log_episodes(infos["episode"]["r"][ended], infos["episode"]["l"][ended], global_step)
-        run.stop_if_not_finite(bool(np.isfinite(td_squares)), training_state, global_step)
-        if crossed(args.log_interval, global_step, previous_step) or iteration == args.num_iterations:
-            td_loss, mean_q = td_squares / max(td_count, 1), q_sum / max(q_count, 1)
-            run.log({"charts/learning_rate": alpha, "charts/epsilon": epsilon}, global_step)
-            run.log({"losses/td_loss": td_loss, "losses/q_values": mean_q}, global_step)
-            run.advance(global_step)
-            td_squares, td_count, q_sum, q_count = 0.0, 0, 0.0, 0
-        run.checkpoint(training_state, global_step, previous_step)
-        if run.stop.requested:
+        # Logging, the NaN check, the progress bar, checkpoints and stop signals.
+        td_loss, mean_q = td_squares / max(td_count, 1), q_sum / max(q_count, 1)
+        scalars = {"losses/td_loss": td_loss, "losses/q_values": mean_q}
+        scalars |= {"charts/learning_rate": alpha, "charts/epsilon": epsilon}
+        finite = bool(np.isfinite(td_squares))
+        if run.end_iteration(global_step, previous_step, scalars, training_state, finite):
             break
+        if crossed(args.log_interval, global_step, previous_step):  # logged: new sums begin
+            td_squares, td_count, q_sum, q_count = 0.0, 0, 0.0, 0
     envs.close()
-    run.end_training(training_state(), global_step)  # exits 130/143 after a stop signal
-    episodes_per_second = run.episodes / max(time.time() - run.start_time, 1e-6)
 
-    video_folder = f"videos/{run_name}/eval" if args.capture_video else None
-    returns = evaluate(
-        q_table, low, high, bins, args.env_id, args.eval_episodes, args.seed + EVAL_SEED_OFFSET, video_folder
-    )
-    for episode, episode_return in enumerate(returns):
-        run.log({"eval/episodic_return": episode_return}, episode)
-    run.finish(
-        global_step,
-        f"eval return {returns.mean():.2f} ± {returns.std():.2f} over {len(returns)} episodes "
-        f"({episodes_per_second:.0f} episodes/s in training)",
-    )
+    def final_evaluation(video_folder: str | None) -> tuple[dict[str, np.ndarray], str]:
+        """The greedy policy on episodes that training never played."""
+        episodes_per_second = training_episodes / max(time.time() - run.start_time, 1e-6)
+        eval_seed = args.seed + EVAL_SEED_OFFSET
+        returns = evaluate(
+            q_table, low, high, bins, args.env_id, args.eval_episodes, eval_seed, video_folder
+        )
+        summary = f"{eval_summary(returns)} ({episodes_per_second:.0f} episodes/s in training)"
+        return {"eval/episodic_return": returns}, summary
+
+    # Save, evaluate, summarise; after Ctrl-C or SIGTERM, exit 130 or 143 instead.
+    run.finish(training_state(), global_step, final_evaluation)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -356,20 +300,42 @@ def fail(message: str) -> NoReturn:
     sys.exit(2)
 
 
-def validate(args: Args) -> None:
-    """Check every knob before any heavy work, so a typo costs a second, not a run."""
-    for name in ("total_timesteps", "num_envs", "eval_episodes", "replay_batch_size", "log_interval"):
+# Copied from ppo_cartpole.py: check_positive
+def check_positive(args: Args, *names: str) -> None:
+    for name in names:
         if getattr(args, name) <= 0:
             fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    for name in ("checkpoint_freq", "replay_size"):
+
+
+# Copied from ppo_cartpole.py: check_non_negative
+def check_non_negative(args: Args, *names: str) -> None:
+    for name in names:
         if getattr(args, name) < 0:
             fail(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    for name in ("learning_rate", "end_learning_rate"):
-        if not 0.0 < getattr(args, name) <= 1.0:
-            fail(f"--{name.replace('_', '-')} must be in (0, 1], got {getattr(args, name)}")
-    for name in ("gamma", "start_epsilon", "end_epsilon", "exploration_fraction"):
+
+
+# Copied from ppo_cartpole.py: check_fraction
+def check_fraction(args: Args, *names: str) -> None:
+    for name in names:
         if not 0.0 <= getattr(args, name) <= 1.0:
             fail(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}")
+
+
+# A bigger table would not fit in memory, and could never be filled with experience anyway.
+MAX_TABLE_CELLS = 50_000_000
+
+
+def validate(args: Args) -> None:
+    """Check every knob before any heavy work, so a typo costs a second, not a run."""
+    check_positive(
+        args, "total_timesteps", "num_envs", "eval_episodes", "replay_batch_size", "log_interval",
+        "learning_rate", "end_learning_rate",
+    )  # fmt: skip
+    check_non_negative(args, "checkpoint_freq", "replay_size")
+    check_fraction(
+        args, "learning_rate", "end_learning_rate", "gamma", "start_epsilon", "end_epsilon",
+        "exploration_fraction",
+    )  # fmt: skip
     if 0 < args.replay_size < args.num_envs:
         fail(
             f"--replay-size {args.replay_size} cannot hold one step of {args.num_envs} envs; "
@@ -388,21 +354,27 @@ def validate(args: Args) -> None:
     if len(args.bins) != observation_dims:
         fail(
             f"{args.env_id} observations have {observation_dims} dimensions but --bins gives "
-            f"{len(args.bins)}; pass --bins, --obs-low and --obs-high with {observation_dims} values each"
+            f"{len(args.bins)}; pass --bins, --obs-low and --obs-high with {observation_dims} "
+            "values each"
         )
     if min(args.bins) < 1:
         fail(f"--bins must all be positive, got {' '.join(map(str, args.bins))}")
     for dim, (low, high) in enumerate(zip(args.obs_low, args.obs_high, strict=True)):
         if not (np.isfinite(low) and np.isfinite(high) and low < high):
             fail(f"dimension {dim}: --obs-low {low} must be finite and below --obs-high {high}")
-    cells = args.num_states * num_actions
+    cells = int(np.prod(args.bins)) * num_actions
     if cells > MAX_TABLE_CELLS:
-        fail(f"a Q-table of {cells:,} cells is too large (at most {MAX_TABLE_CELLS:,}); use fewer --bins")
+        fail(
+            f"a Q-table of {cells:,} cells is too large (at most {MAX_TABLE_CELLS:,}); "
+            "use fewer --bins"
+        )
 
 
 def check_env(env_id: str) -> tuple[int, int]:
     """Fail with suggestions for an unknown id or unusable spaces; return (obs size, actions)."""
     if env_id not in gym.registry:
+        import difflib
+
         close = difflib.get_close_matches(env_id, list(gym.registry), n=3, cutoff=0.5)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         fail(f"unknown environment id {env_id!r}{hint}")
@@ -410,7 +382,9 @@ def check_env(env_id: str) -> tuple[int, int]:
     observation_space, action_space = env.observation_space, env.action_space
     env.close()
     if not isinstance(action_space, gym.spaces.Discrete):
-        fail(f"{env_id} has a {type(action_space).__name__} action space; this script needs Discrete")
+        fail(
+            f"{env_id} has a {type(action_space).__name__} action space; this script needs Discrete"
+        )
     if not isinstance(observation_space, gym.spaces.Box) or len(observation_space.shape) != 1:
         fail(f"{env_id} observations are {observation_space}; this script needs a 1-D Box")
     return observation_space.shape[0], int(action_space.n)
@@ -422,7 +396,7 @@ def parse_args(argv: list[str] | None = None) -> Args:
     checkpoint's setting, so `--resume PATH` alone continues the run that PATH belongs to."""
     args = tyro.cli(Args, args=argv)
     path = args.resume or args.eval_checkpoint
-    if path is None:
+    if path is None or Path(path).is_dir():
         return args
     saved_args = load_checkpoint(path)["args"]
     known = {field.name for field in fields(Args)}
@@ -431,8 +405,8 @@ def parse_args(argv: list[str] | None = None) -> Args:
     return tyro.cli(Args, args=argv, default=defaults)
 
 
-# Flags that may differ between a run and its resumption; every other setting must match the
-# checkpoint's, or the resumed run would silently be a different experiment.
+# Flags that may differ between a run and its resumption (budget, logging, tracking); every other
+# setting must match the checkpoint's, or the resumed run would silently be a different experiment.
 RESUME_MAY_CHANGE = {
     "total_timesteps", "resume", "eval_checkpoint", "eval_episodes", "track", "wandb_project_name",
     "wandb_entity", "wandb_group", "capture_video", "save_model", "checkpoint_freq", "log_interval",
@@ -456,22 +430,24 @@ def check_settings(args: Args, saved_args: dict, may_change: set[str]) -> None:
 
 
 def seed_everything(seed: int) -> np.random.Generator:
-    """Seed `random` and NumPy's global stream; return the generator the training loop draws from."""
+    """Seed `random` and NumPy's global stream; return the generator the training loop draws from
+    (the torch scripts' version also seeds torch and returns nothing)."""
     random.seed(seed)
     np.random.seed(seed)
     return np.random.default_rng(seed)
 
 
-def restore(checkpoint: dict, q_table: np.ndarray, replay: dict) -> tuple[np.ndarray, dict]:
-    """The checkpoint's table and replay, once their shapes are checked against the fresh ones."""
-    saved_table, saved_replay = checkpoint["q_table"], checkpoint["replay"]
-    if saved_table.shape != q_table.shape:
-        fail(f"the checkpoint holds a Q-table of shape {saved_table.shape}, not {q_table.shape}")
-    if any(
-        key not in saved_replay or saved_replay[key].shape != value.shape for key, value in replay.items()
-    ):
-        fail("the checkpoint's replay does not match --replay-size; not a checkpoint of this run")
-    return saved_table.astype(np.float64), {key: saved_replay[key].copy() for key in replay}
+def restore(checkpoint: dict, path: str, **objects) -> None:
+    """Copy each saved array into the fresh one of its name, in place (q_table=..., or replay=...
+    for a dict of arrays); an array that is missing or of another shape fails in one line."""
+    for name, target in objects.items():
+        pairs = target.items() if isinstance(target, dict) else [(None, target)]
+        for key, array in pairs:
+            saved = checkpoint[name] if key is None else checkpoint[name].get(key)
+            if saved is None or saved.shape != array.shape:
+                what = name if key is None else f"{name} {key}"
+                fail(f"{path} does not match this run: its {what} is not of shape {array.shape}")
+            array[...] = saved
 
 
 def greedy_action(q_table: np.ndarray, obs: np.ndarray, low, high, bins) -> int:
@@ -492,14 +468,17 @@ def evaluate(
     """Run the greedy policy for `episodes` full episodes; return their undiscounted returns."""
     env = gym.make(env_id, render_mode="rgb_array" if video_folder else None)
     if video_folder:
-        env = gym.wrappers.RecordVideo(env, video_folder, episode_trigger=lambda _: True, disable_logger=True)
+        env = gym.wrappers.RecordVideo(
+            env, video_folder, episode_trigger=lambda _: True, disable_logger=True
+        )
     returns = []
     for episode in range(episodes):
         # Seed the first reset only: later episodes continue the env's random stream.
         obs, _ = env.reset(seed=seed if episode == 0 else None)
         episode_return, done = 0.0, False
         while not done:
-            obs, reward, terminated, truncated, _ = env.step(greedy_action(q_table, obs, low, high, bins))
+            action = greedy_action(q_table, obs, low, high, bins)
+            obs, reward, terminated, truncated, _ = env.step(action)
             episode_return += float(reward)
             done = terminated or truncated
         returns.append(episode_return)
@@ -507,28 +486,39 @@ def evaluate(
     return np.array(returns)
 
 
+# Copied from ppo_cartpole.py: eval_summary
+def eval_summary(returns: np.ndarray) -> str:
+    return f"eval return {returns.mean():.2f} ± {returns.std():.2f} over {len(returns)} episodes"
+
+
 def evaluate_checkpoint(args: Args) -> None:
-    """--eval-checkpoint: the greedy policy of the saved table, on the same evaluation episodes
-    as the end of its training run (same seed rule), so both print the same figures."""
-    checkpoint = load_checkpoint(args.eval_checkpoint)
-    check_settings(args, checkpoint["args"], may_change=set(checkpoint["args"]) - MODEL_SETTINGS)
+    """--eval-checkpoint: the greedy policy of the saved table on the evaluation episodes of the
+    end of its training run (the same seed rule), so that both print the same figures."""
     _, num_actions = check_env(args.env_id)
-    q_table = checkpoint["q_table"]
-    if q_table.shape != (args.num_states, num_actions):
-        fail(f"{args.eval_checkpoint} holds a Q-table of shape {q_table.shape}, not one for bins {args.bins}")
-    low, high, bins = discretisation(args.obs_low, args.obs_high, args.bins)
-    video_folder = f"videos/{checkpoint['run_name']}/eval-checkpoint" if args.capture_video else None
-    returns = evaluate(
-        q_table, low, high, bins, args.env_id, args.eval_episodes, args.seed + EVAL_SEED_OFFSET, video_folder
-    )
-    print(
-        f"eval return {returns.mean():.2f} ± {returns.std():.2f} over {len(returns)} episodes"
-        f" ({args.eval_checkpoint})"
-    )
+    low, high, bins = np.array(args.obs_low), np.array(args.obs_high), np.array(args.bins)
+
+    def load(path: str) -> dict:
+        checkpoint = load_checkpoint(path)
+        check_settings(args, checkpoint["args"], set(checkpoint["args"]) - MODEL_SETTINGS)
+        return checkpoint
+
+    def play(checkpoint: dict, path: str, video: str | None = None) -> dict:
+        q_table = np.zeros((int(np.prod(args.bins)), num_actions))
+        restore(checkpoint, path, q_table=q_table)
+        eval_seed = args.seed + EVAL_SEED_OFFSET
+        return {"return": evaluate(q_table, low, high, bins, args.env_id, args.eval_episodes,
+                                   eval_seed, video)}  # fmt: skip
+
+    checkpoint = load(args.eval_checkpoint)
+    video = f"videos/{checkpoint['run_name']}/eval-checkpoint" if args.capture_video else None
+    returns = play(checkpoint, args.eval_checkpoint, video)["return"]
+    print(f"{eval_summary(returns)} ({args.eval_checkpoint})")
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
-    """Write atomically: a crash mid-write leaves the previous checkpoint intact.
+    """Write atomically and durably: the new file reaches the disk before it replaces the old one,
+    and the folder's entry after, so a crash or a power loss leaves one whole checkpoint or the
+    other under the name, never an empty file.
 
     Only arrays, numbers and strings go in (the args as JSON text, the replay's arrays as
     replay_<name>), so that loading needs no pickle: `np.load(..., allow_pickle=False)` cannot
@@ -541,10 +531,17 @@ def save_checkpoint(path: Path, state: dict) -> None:
     temporary = path.with_name(path.name + ".tmp")
     with open(temporary, "wb") as file:
         np.savez(file, **arrays)
+        file.flush()
+        os.fsync(file.fileno())
     os.replace(temporary, path)
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
 
 
-def load_checkpoint(path: str) -> dict:
+def load_checkpoint(path: str, resume: bool = False) -> dict:
     """Load a checkpoint of this script's kind; anything else fails with one line."""
     if not Path(path).is_file():
         fail(f"checkpoint {path} does not exist")
@@ -558,16 +555,22 @@ def load_checkpoint(path: str) -> dict:
         fail(f"{path} is not a readable checkpoint ({type(error).__name__}); it may be truncated")
     if "kind" not in arrays or "args" not in arrays:
         fail(f"{path} is not a checkpoint of this project")
-    if str(arrays["kind"]) != CHECKPOINT_KIND:
-        fail(f"{path} holds a {arrays['kind']} checkpoint; this script trains {CHECKPOINT_KIND}")
+    kind = str(arrays["kind"])
+    if kind in EVALUATED_KINDS and resume:
+        fail(
+            f"{path} holds a {kind} checkpoint, which this version cannot continue: "
+            "it can be evaluated (--eval-checkpoint), not resumed"
+        )
+    if kind != CHECKPOINT_KIND and kind not in EVALUATED_KINDS:
+        fail(f"{path} holds a {kind} checkpoint; this script trains {CHECKPOINT_KIND}")
     try:
-        # JSON has no tuples: the tuple-valued args (bins, bounds) come back as the tuples they were.
+        # JSON has no tuples: the tuple-valued args (bins, bounds) come back as the tuples they were
         saved_args = {
             name: tuple(value) if isinstance(value, list) else value
             for name, value in json.loads(str(arrays["args"])).items()
         }
         checkpoint = {
-            "kind": CHECKPOINT_KIND,
+            "kind": kind,
             "env_id": str(arrays["env_id"]),
             "run_name": str(arrays["run_name"]),
             "args": saved_args,
@@ -578,49 +581,14 @@ def load_checkpoint(path: str) -> dict:
     except (KeyError, ValueError, TypeError, AttributeError):
         fail(f"{path} is not a checkpoint of this project")
     if not set(saved_args) >= MODEL_SETTINGS:
-        fail(f"{path} does not say how it discretised observations; not a checkpoint of this script")
+        fail(f"{path} does not say how it discretised observations: not this script's checkpoint")
     return checkpoint
 
 
-# Copied from ppo_cartpole.py: StopFlag
-class StopFlag:
-    """Ctrl-C (SIGINT) or SIGTERM (job schedulers, `timeout`, `docker stop`) asks the training loop
-    to stop at the end of the iteration and save; a second signal aborts at once."""
-
-    def __init__(self):
-        self.signum: int | None = None
-        # SDL (pygame renders CartPole and Flappy Bird) installs its own SIGINT/SIGTERM handlers
-        # when it starts, which would swallow SIGTERM; this hint tells it not to.
-        os.environ.setdefault("SDL_NO_SIGNAL_HANDLERS", "1")
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(signum, self._handle)
-
-    def _handle(self, signum, frame):
-        if self.signum is not None:
-            raise KeyboardInterrupt
-        self.signum = signum
-        name = signal.Signals(signum).name
-        print(
-            f"\n{name}: stopping after this iteration (send it again to abort without saving)",
-            file=sys.stderr,
-        )
-
-    @property
-    def requested(self) -> bool:
-        return self.signum is not None
-
-    @property
-    def exit_code(self) -> int:
-        """128 + the signal number, as a shell reports a process ended by it (130, 143)."""
-        return 128 + self.signum
-
-
 class SummaryWriter:
-    """What this script needs of torch's SummaryWriter, on tensorboard's own event writer.
-
-    The event writer class is looked up when the writer is built, after `wandb.init`, so that
-    W&B's `sync_tensorboard` patch of that class sees the run folder.
-    """
+    """What Run needs of torch's SummaryWriter, on tensorboard's own event writer: this script
+    does without torch. The event writer class is looked up when the writer is built, after
+    `wandb.init`, so that W&B's `sync_tensorboard` patch of that class sees the run folder."""
 
     def __init__(self, logdir: str):
         # A long queue: episodes end by the hundred per second, and a full queue blocks the loop.
@@ -634,8 +602,8 @@ class SummaryWriter:
 
     def add_scalars(self, pairs: list[tuple[str, float]], step: int) -> None:
         """Several (tag, value) pairs at one step in ONE event: the same points in TensorBoard as
-        one event each, at a fraction of the cost when hundreds of episodes end per second."""
-        values = [summary_pb2.Summary.Value(tag=tag, simple_value=float(value)) for tag, value in pairs]
+        one event each, at a fraction of the cost."""
+        values = [summary_pb2.Summary.Value(tag=tag, simple_value=float(v)) for tag, v in pairs]
         self._add(summary_pb2.Summary(value=values), int(step))
 
     def add_text(self, tag: str, text: str, step: int = 0) -> None:
@@ -645,123 +613,192 @@ class SummaryWriter:
         self._writer.close()
 
 
+def log_episodes(run: Run, infos: dict, global_step: int) -> int:
+    """Run.log_episode for all the training episodes that ended at one step, in ONE event: they
+    end by the hundred per second, and two events per episode would double the time of a default
+    run. Returns how many ended."""
+    if "episode" not in infos:
+        return 0
+    ended = infos["_episode"]
+    returns, lengths = infos["episode"]["r"][ended], infos["episode"]["l"][ended]
+    run.writer.add_scalars(
+        [("charts/episodic_return", r) for r in returns]
+        + [("charts/episodic_length", n) for n in lengths],
+        global_step,
+    )
+    run.recent_returns.extend(returns.tolist())
+    return len(returns)
+
+
+# Copied from ppo_cartpole.py: Run
 class Run:
-    """What the training loop does besides the algorithm, behind a few calls: TensorBoard (and
-    W&B) logging, the progress bar, checkpoint files and the stop flag of Ctrl-C and SIGTERM.
+    """What the training loop does besides the algorithm, behind three calls: the run's name and
+    resumed state, TensorBoard (and W&B) logging, the progress bar, checkpoint files, and stop
+    signals. Ctrl-C (SIGINT) or SIGTERM (job schedulers, `timeout`, `docker stop`) stops training
+    at the end of the iteration with a checkpoint; a second signal aborts at once; a signal during
+    the final evaluation ends it (the trained agent is saved by then)."""
 
-    The torch scripts' Run, save for an .npz checkpoint and `log_episodes`, which logs all the
-    episodes that end at one step in one event (their `log_episode` takes them one at a time).
-    """
-
-    def __init__(self, args: Args, run_name: str, total_steps: int, global_step: int):
+    def __init__(self, args: Args, total_steps: int):
         self.args = args
-        self.dir = Path("runs") / run_name
-        self.checkpoint_path = self.dir / f"{args.exp_name}.npz"
-        # Before anything renders, so that SDL finds the handlers in place.
-        self.stop = StopFlag()
+        self.resumed = load_checkpoint(args.resume, resume=True) if args.resume else None
+        if self.resumed is not None:
+            check_settings(args, self.resumed["args"], RESUME_MAY_CHANGE)
+            self.name, self.start_step = self.resumed["run_name"], self.resumed["global_step"]
+        else:
+            env_name = args.env_id.replace("/", "-")
+            self.name = f"{env_name}__{args.exp_name}__{args.seed}__{int(time.time())}"
+            self.start_step = 0
+        self.dir = Path("runs") / self.name
+        self.checkpoint_path = self.dir / f"{args.exp_name}{CHECKPOINT_SUFFIX}"
+        # Before anything renders: SDL (pygame) installs signal handlers of its own when it starts,
+        # which would swallow SIGTERM, unless this hint tells it not to.
+        self.signum, self.evaluating = None, False
+        os.environ.setdefault("SDL_NO_SIGNAL_HANDLERS", "1")
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, self._on_signal)
         if args.track:
+            import hashlib
+
             import wandb
 
             wandb.init(
                 project=args.wandb_project_name,
                 entity=args.wandb_entity,
                 group=args.wandb_group or args.exp_name,
-                name=run_name,
+                name=self.name,
                 # The id follows from the run name, so a resumed run continues the same W&B run.
-                id=hashlib.sha256(run_name.encode()).hexdigest()[:16],
+                id=hashlib.sha256(self.name.encode()).hexdigest()[:16],
                 resume="allow",
                 config=asdict(args),
                 sync_tensorboard=True,
                 save_code=True,
             )
         self.writer = SummaryWriter(str(self.dir))
-        self.writer.add_text(
-            "hyperparameters",
-            "|param|value|\n|-|-|\n" + "\n".join(f"|{key}|{value}|" for key, value in asdict(args).items()),
-        )
-        self.start_step, self.start_time = global_step, time.time()
+        table = "\n".join(f"|{key}|{value}|" for key, value in asdict(args).items())
+        self.writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)
+        self.start_time = time.time()
         self.recent_returns: deque[float] = deque(maxlen=20)
-        self.episodes = 0
-        self.progress = tqdm(total=total_steps, initial=global_step, unit="step", dynamic_ncols=True)
-
-    def log_episodes(self, returns: np.ndarray, lengths: np.ndarray, global_step: int) -> None:
-        """The training episodes that ended at `global_step`, with their true returns, in ONE event:
-        hundreds end per second, and one event per episode would slow the loop noticeably."""
-        self.writer.add_scalars(
-            [("charts/episodic_return", r) for r in returns]
-            + [("charts/episodic_length", n) for n in lengths],
-            global_step,
+        self.progress = tqdm(
+            total=total_steps, initial=self.start_step, unit="step", dynamic_ncols=True
         )
-        self.recent_returns.extend(returns.tolist())
-        self.episodes += len(returns)
 
-    def log(self, scalars: dict[str, float], global_step: int) -> None:
-        for key, value in scalars.items():
-            self.writer.add_scalar(key, value, global_step)
+    def _on_signal(self, signum, frame):
+        if self.signum is not None or self.evaluating:
+            self.signum = self.signum or signum
+            raise KeyboardInterrupt
+        self.signum = signum
+        name = signal.Signals(signum).name
+        print(f"\n{name}: stopping after this iteration (send it again to abort without saving)",
+              file=sys.stderr)  # fmt: skip
 
-    def advance(self, global_step: int) -> int:
-        """Move the progress bar to `global_step` and log charts/SPS; return the steps per second."""
-        sps = int((global_step - self.start_step) / max(time.time() - self.start_time, 1e-6))
-        self.writer.add_scalar("charts/SPS", sps, global_step)
+    def restore(self, **objects) -> None:
+        """With --resume: load each object's saved state (model=agent, optimizer=...)."""
+        if self.resumed is not None:
+            restore(self.resumed, self.args.resume, **objects)
+
+    def log_episode(self, episodic_return: float, length: int, global_step: int) -> None:
+        """One finished training episode, with its true (unclipped, unscaled) return."""
+        self.writer.add_scalar("charts/episodic_return", float(episodic_return), global_step)
+        self.writer.add_scalar("charts/episodic_length", int(length), global_step)
+        self.recent_returns.append(float(episodic_return))
+
+    def end_iteration(
+        self,
+        global_step: int,
+        previous_step: int,
+        scalars: dict[str, float],
+        state: Callable[[], dict],
+        finite: bool = True,
+        histograms: dict | None = None,
+    ) -> bool:
+        """Once per iteration: stop on a non-finite loss (the state saved for inspection, exit 1),
+        log every --log-interval steps, move the progress bar, checkpoint every --checkpoint-freq
+        steps. True when a stop signal asks the training loop to end."""
+        if not finite:
+            path = self.dir / f"{self.checkpoint_path.stem}_nan{self.checkpoint_path.suffix}"
+            save_checkpoint(path, state())
+            self.progress.close()
+            self.writer.close()
+            print(f"error: loss became non-finite at step {global_step}; state saved to {path}",
+                  file=sys.stderr)  # fmt: skip
+            sys.exit(1)
+        elapsed = max(time.time() - self.start_time, 1e-6)
+        sps = int((global_step - self.start_step) / elapsed)
+        if crossed(self.args.log_interval, global_step, previous_step):
+            for key, value in {**scalars, "charts/SPS": sps}.items():
+                self.writer.add_scalar(key, value, global_step)
+            if histograms and crossed(10 * self.args.log_interval, global_step, previous_step):
+                for key, values in histograms.items():
+                    self.writer.add_histogram(key, values, global_step)
         self.progress.update(global_step - self.progress.n)
         if self.recent_returns:
-            self.progress.set_postfix(sps=sps, ret=f"{np.mean(self.recent_returns):.1f}", refresh=False)
-        return sps
-
-    def checkpoint(self, state: Callable[[], dict], global_step: int, previous_step: int) -> None:
-        """Every --checkpoint-freq steps: refresh the checkpoint and keep a copy named by its step."""
+            recent = f"{np.mean(self.recent_returns):.1f}"
+            self.progress.set_postfix(sps=sps, ret=recent, refresh=False)
         if self.args.save_model and crossed(self.args.checkpoint_freq, global_step, previous_step):
             saved = state()
             save_checkpoint(self.checkpoint_path, saved)
             save_checkpoint(self.kept_path(global_step), saved)
+        return self.signum is not None
 
     def kept_path(self, global_step: int) -> Path:
         """runs/<run>/checkpoints/<name>_<step>: where the checkpoint of a step is kept."""
         name = f"{self.checkpoint_path.stem}_{global_step:012d}{self.checkpoint_path.suffix}"
         return self.dir / "checkpoints" / name
 
-    def stop_if_not_finite(self, finite: bool, state: Callable[[], dict], global_step: int) -> None:
-        """A NaN or infinite loss or weight ends the run: save the state for inspection, exit 1."""
-        if finite:
-            return
-        path = self.dir / f"{self.checkpoint_path.stem}_nan{self.checkpoint_path.suffix}"
-        save_checkpoint(path, state())
+    def finish(
+        self,
+        state: dict,
+        global_step: int,
+        final_evaluation: Callable[[str | None], tuple[dict[str, np.ndarray], str]],
+    ) -> None:
+        """After the loop: save the checkpoint; after a stop signal, say where it is and exit
+        128 + the signal (130, 143). Else run `final_evaluation(video_folder)`, which returns its
+        per-episode scalars and a summary; log them and print the one summary line."""
         self.progress.close()
-        print(f"error: loss became non-finite at step {global_step}; state saved to {path}", file=sys.stderr)
-        sys.exit(1)
-
-    def end_training(self, state: dict, global_step: int) -> None:
-        """Save the final checkpoint; if a stop signal ended training, say where it is and exit."""
-        self.progress.close()
+        where = f"; checkpoint {self.checkpoint_path}" if self.args.save_model else ""
         if self.args.save_model:
             save_checkpoint(self.checkpoint_path, state)
             # The trained agent is kept too, so that evaluating the folder of kept checkpoints ends
             # with it (a stopped run's checkpoint is a point to resume from, not a result).
-            if self.args.checkpoint_freq and not self.stop.requested:
+            if self.args.checkpoint_freq and self.signum is None:
                 save_checkpoint(self.kept_path(global_step), state)
-        if self.stop.requested:
+        if self.signum is not None:
             self.writer.close()
-            where = (
-                f": checkpoint saved to {self.checkpoint_path} (continue with --resume {self.checkpoint_path})"
-                if self.args.save_model
-                else ""
+            resume = (
+                f" (continue with --resume {self.checkpoint_path})" if self.args.save_model else ""
             )
-            print(f"interrupted at step {global_step}{where}", file=sys.stderr)
-            sys.exit(self.stop.exit_code)
+            print(f"interrupted at step {global_step}{where}{resume}", file=sys.stderr)
+            sys.exit(128 + self.signum)
 
-    def finish(self, global_step: int, result: str) -> None:
-        """Close the loggers and print the one summary line: steps, time, evaluation, checkpoint."""
+        video_folder = None
+        if self.args.capture_video:
+            # A resumed run's evaluation gets a folder of its own: no video overwrites another's.
+            resumed = f"-step-{global_step}" if self.resumed is not None else ""
+            video_folder = f"videos/{self.name}/eval{resumed}"
+        self.evaluating = True  # from here on, a signal ends the evaluation and the process
+        try:
+            per_episode, summary = final_evaluation(video_folder)
+        except KeyboardInterrupt:
+            self.writer.close()
+            if self.signum is None:
+                raise
+            name = signal.Signals(self.signum).name
+            print(f"{name}: the final evaluation was stopped at step {global_step}{where}",
+                  file=sys.stderr)  # fmt: skip
+            sys.exit(128 + self.signum)
+        self.evaluating = False
+        for key, values in per_episode.items():
+            for episode, value in enumerate(values):
+                if not np.isnan(value):
+                    self.writer.add_scalar(key, value, episode)
         self.writer.close()
         if self.args.track:
             import wandb
 
             wandb.finish()
         elapsed = time.time() - self.start_time
-        saved = f"; checkpoint {self.checkpoint_path}" if self.args.save_model else ""
-        print(
-            f"done: {global_step} steps in {elapsed:.1f}s ({(global_step - self.start_step) / elapsed:.0f} steps/s); "
-            f"{result}{saved}"
-        )
+        sps = (global_step - self.start_step) / elapsed
+        print(f"done: {global_step} steps in {elapsed:.1f}s ({sps:.0f} steps/s); {summary}{where}")
 
 
 if __name__ == "__main__":

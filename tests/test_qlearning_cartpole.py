@@ -1,4 +1,4 @@
-"""Tests of qlearning_cartpole.py: pure parts against slow references, then the real CLI end to end."""
+"""Tests of qlearning_cartpole.py: pure parts against slow references, then the CLI end to end."""
 
 from __future__ import annotations
 
@@ -99,7 +99,8 @@ def test_discretize_flattens_in_c_order():
 def test_q_update_matches_hand_computed_values():
     q = np.array([[0.0, 1.0], [3.0, 0.0], [2.0, 5.0]])
     # s=0, a=1, r=1, s'=2, not terminal: target = 1 + 0.9 * max(2, 5) = 5.5;
-    # Q <- 1 + 0.5 * (5.5 - 1) = 3.25.  s=1, a=0, r=1, terminal: target = 1; Q <- 3 + 0.5 * (1 - 3) = 2.
+    # Q <- 1 + 0.5 * (5.5 - 1) = 3.25.
+    # s=1, a=0, r=1, terminal: target = 1; Q <- 3 + 0.5 * (1 - 3) = 2.
     td = qlearning_cartpole.q_learning_update(
         q,
         states=np.array([0, 1]),
@@ -118,9 +119,8 @@ def test_truncation_bootstraps_and_termination_does_not():
     """The same last step of an episode: cut off by the time limit it still has a future."""
     q_truncated = np.array([[0.0, 0.0], [10.0, 4.0]])
     q_terminated = q_truncated.copy()
-    step = dict(
-        states=np.array([0]), actions=np.array([0]), rewards=np.array([1.0]), next_states=np.array([1])
-    )
+    step = dict(states=np.array([0]), actions=np.array([0]), rewards=np.array([1.0]))
+    step["next_states"] = np.array([1])
     qlearning_cartpole.q_learning_update(
         q_truncated, **step, terminated=np.array([False]), learning_rate=1.0, gamma=0.99
     )
@@ -163,9 +163,8 @@ def test_batched_q_update_matches_sequential_reference_with_repeated_cells():
 
 def test_repeated_identical_transition_equals_that_many_single_updates():
     q_batched, q_sequential = np.zeros((2, 2)), np.zeros((2, 2))
-    step = dict(
-        actions=np.array([1]), rewards=np.array([1.0]), next_states=np.array([1]), terminated=np.array([True])
-    )
+    step = dict(actions=np.array([1]), rewards=np.array([1.0]), next_states=np.array([1]))
+    step["terminated"] = np.array([True])
     qlearning_cartpole.q_learning_update(
         q_batched, np.array([0, 0, 0]), *(np.repeat(v, 3) for v in step.values()), 0.5, 0.9
     )
@@ -210,8 +209,9 @@ def test_logged_q_values_and_td_loss_match_a_slow_reference_with_replay(workdir,
         return td_errors
 
     monkeypatch.setattr(qlearning_cartpole, "q_learning_update", recording_update)
-    replay = ("--replay-size", "64", "--replay-batch-size", "24", "--eval-episodes", "1", "--no-save-model")
+    replay = ("--replay-size", "64", "--replay-batch-size", "24")
     argv = ["--total-timesteps", "512", *SHAPE, "--log-interval", "16", *replay]
+    argv += ["--eval-episodes", "1", "--no-save-model"]
     qlearning_cartpole.main(qlearning_cartpole.parse_args(argv))
 
     assert len(calls) == 2 * 64  # per vector step: the new transitions, then a replayed sample
@@ -224,8 +224,8 @@ def test_logged_q_values_and_td_loss_match_a_slow_reference_with_replay(workdir,
         expected_td.append(sum(error * error for error in td_errors) / len(td_errors))
     scalars = read_scalars(workdir / "runs")
     assert [step for step, _ in scalars["losses/q_values"]] == list(range(16, 513, 16))
-    np.testing.assert_allclose([value for _, value in scalars["losses/q_values"]], expected_q, rtol=1e-6)
-    np.testing.assert_allclose([value for _, value in scalars["losses/td_loss"]], expected_td, rtol=1e-6)
+    for key, expected in (("losses/q_values", expected_q), ("losses/td_loss", expected_td)):
+        np.testing.assert_allclose([value for _, value in scalars[key]], expected, rtol=1e-6)
 
 
 def test_a_second_signal_aborts_without_saving(workdir, monkeypatch):
@@ -283,8 +283,9 @@ def test_same_seed_gives_identical_logged_numbers(tmp_path):
     first = run_script_in(tmp_path / "a", SCRIPT, *TINY, "--no-save-model")
     second = run_script_in(tmp_path / "b", SCRIPT, *TINY, "--no-save-model")
     assert first.returncode == 0 and second.returncode == 0, first.describe() + second.describe()
-    for key in ("charts/episodic_return", "losses/td_loss", "losses/q_values", "eval/episodic_return"):
+    for key in ("charts/episodic_return", "losses/td_loss", "losses/q_values"):
         assert first.scalars[key] == second.scalars[key], key
+    assert first.scalars["eval/episodic_return"] == second.scalars["eval/episodic_return"]
     third = run_script_in(tmp_path / "c", SCRIPT, *TINY, "--no-save-model", "--seed", "2")
     assert third.scalars["losses/td_loss"] != first.scalars["losses/td_loss"]
 
@@ -296,9 +297,8 @@ def test_eval_checkpoint_repeats_the_final_evaluation_and_periodic_checkpoints_r
     uninterrupted run, step for step."""
     from conftest import run_script_in
 
-    trained = run_script_in(
-        tmp_path / "train", SCRIPT, *TINY, "--seed", "9", "--eval-episodes", "3", "--checkpoint-freq", "3000"
-    )
+    settings = ("--seed", "9", "--eval-episodes", "3", "--checkpoint-freq", "3000")
+    trained = run_script_in(tmp_path / "train", SCRIPT, *TINY, *settings)
     assert trained.returncode == 0, trained.describe()
     (run_dir,) = trained.run_dirs
     checkpoint = run_dir / "qlearning_cartpole.npz"
@@ -328,7 +328,8 @@ def test_resume_alone_restores_the_table_and_replay_exactly(run_script, tmp_path
     With the budget already spent it trains nothing: its final checkpoint must equal the one it
     started from, table, replay and settings, and its evaluation the training run's."""
     settings = ("--seed", "9", "--num-envs", "4", "--gamma", "0.95", "--replay-size", "64")
-    settings = (*settings, "--replay-batch-size", "8", "--total-timesteps", "2048", "--log-interval", "512")
+    settings = (*settings, "--replay-batch-size", "8", "--total-timesteps", "2048")
+    settings = (*settings, "--log-interval", "512")
     trained = run_script(SCRIPT, *settings, "--eval-episodes", "2")
     assert trained.returncode == 0, trained.describe()
     (checkpoint,) = trained.checkpoints("*.npz")
@@ -352,7 +353,8 @@ def test_resume_alone_restores_the_table_and_replay_exactly(run_script, tmp_path
     longer = run_script(SCRIPT, "--resume", str(saved), "--total-timesteps", "4096")
     assert longer.returncode == 0, longer.describe()
     assert int(load_npz(checkpoint)["global_step"]) == 4096
-    assert not np.array_equal(load_npz(checkpoint)["q_table"], state["q_table"])  # it went on learning
+    # It went on learning.
+    assert not np.array_equal(load_npz(checkpoint)["q_table"], state["q_table"])
     assert longer.steps("charts/SPS")[-4:] == [2560, 3072, 3584, 4096]
 
 
@@ -383,8 +385,45 @@ def test_a_signal_saves_a_checkpoint_that_resumes_to_the_full_budget(run_script,
     assert int(load_npz(checkpoint)["global_step"]) == step + 4096
 
 
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_during_the_final_evaluation_ends_it_with_the_signal_status(
+    run_script, signum, code
+):
+    """After training the checkpoint is saved: a signal ends the evaluation and the process, with
+    128 + the signal's number, rather than being noted and ignored."""
+
+    def evaluation_recording(workdir):
+        return any(workdir.glob("videos/*/eval/*.mp4"))
+
+    # Thirty recorded episodes take seconds: the signal lands after the first, while they play.
+    result = run_script(
+        SCRIPT, *TINY[:-2], "--eval-episodes", "30", "--capture-video",
+        interrupt_when=evaluation_recording, interrupt_signals=(signum,),
+    )  # fmt: skip
+    assert result.returncode == code, result.describe()
+    name = signal.Signals(signum).name
+    assert f"{name}: the final evaluation was stopped at step 4096" in result.stderr
+    assert "Traceback" not in result.stderr and "done:" not in result.stdout
+    (checkpoint,) = result.checkpoints("*.npz")
+    assert int(load_npz(checkpoint)["global_step"]) == 4096
+    assert len(list(result.workdir.glob("videos/*/eval/*.mp4"))) < 30
+
+
+def test_a_resumed_run_records_its_evaluation_into_a_folder_of_its_own(run_script):
+    first = run_script(SCRIPT, *TINY, "--capture-video")
+    assert first.returncode == 0, first.describe()
+    (checkpoint,) = first.checkpoints("*.npz")
+    resumed = run_script(SCRIPT, "--resume", checkpoint, "--total-timesteps", "8192")
+    assert resumed.returncode == 0, resumed.describe()
+    assert "Overwriting" not in resumed.stderr, resumed.stderr
+    videos = resumed.workdir / "videos" / checkpoint.parent.name
+    assert len(list((videos / "eval").glob("*.mp4"))) == 2
+    assert len(list((videos / "eval-step-8192").glob("*.mp4"))) == 2
+
+
 def test_track_writes_an_offline_wandb_run_with_its_group_and_config(run_script):
-    result = run_script(SCRIPT, *TINY, "--seed", "9", "--track", "--wandb-group", "g", "--no-save-model")
+    tracked = ("--track", "--wandb-group", "g", "--no-save-model")
+    result = run_script(SCRIPT, *TINY, "--seed", "9", *tracked)
     assert result.returncode == 0, result.describe()
     # sync_tensorboard saw the writer: W&B keeps a copy of the run's TensorBoard events.
     assert list((result.workdir / "wandb").glob("offline-run-*/files/runs/*/events.out.tfevents.*"))
@@ -395,7 +434,9 @@ def test_track_writes_an_offline_wandb_run_with_its_group_and_config(run_script)
     assert run.config["bins"] == [3, 3, 8, 10] and run.config["wandb_group"] == "g"
 
 
-def test_wandb_group_defaults_to_the_exp_name_and_a_resumed_run_continues_its_wandb_run(workdir, monkeypatch):
+def test_wandb_group_defaults_to_the_exp_name_and_resuming_continues_the_wandb_run(
+    workdir, monkeypatch
+):
     """The W&B side of --track, in-process with a stand-in for wandb (a real offline run costs
     about 20 s; the test above makes one)."""
     inits = []
@@ -439,7 +480,8 @@ def test_non_finite_values_stop_with_a_saved_state(tmp_path):
         f"sys.path.insert(0, {str(ROOT)!r})\n"
         "import qlearning_cartpole as q\n"
         "make = q.make_envs\n"
-        "q.make_envs = lambda *a: gym.wrappers.vector.TransformReward(make(*a), lambda r: r * np.inf)\n"
+        "infinite = lambda envs: gym.wrappers.vector.TransformReward(envs, lambda r: r * np.inf)\n"
+        "q.make_envs = lambda *a: infinite(make(*a))\n"
         "q.main(q.parse_args())\n"
     )
     result = subprocess.run(
@@ -481,8 +523,8 @@ def run_in_process(capsys, *argv: str) -> tuple[int, list[str]]:
         (("--gamma", "1.5"), "[0, 1]"),
         (("--start-epsilon", "-0.1"), "[0, 1]"),
         (("--exploration-fraction", "2"), "[0, 1]"),
-        (("--learning-rate", "0"), "(0, 1]"),
-        (("--end-learning-rate", "1.5"), "(0, 1]"),
+        (("--learning-rate", "0"), "--learning-rate must be positive"),
+        (("--end-learning-rate", "1.5"), "--end-learning-rate must be in [0, 1]"),
         (("--bins", "3", "3", "0", "10"), "--bins must all be positive"),
         (("--bins", "3", "3", "8"), "one value per observation dimension"),
         (("--obs-low", "-2.4", "-1.5", "0.3", "-1.5"), "must be finite and below --obs-high"),
@@ -542,36 +584,71 @@ def test_bad_checkpoints_exit_2_with_one_line(capsys, workdir):
         "array.npy": "not a checkpoint of this project",
         "foreign.npz": "not a checkpoint of this project",
         write_checkpoint(workdir / "other.npz", kind="dqn/1"): "holds a dqn/1 checkpoint",
-        write_checkpoint(workdir / "no-bins.npz", args={}): "does not say how it discretised observations",
+        write_checkpoint(workdir / "no-bins.npz", args={}): "does not say how it discretised",
         write_checkpoint(workdir / "no-table.npz", q_table=None): "not a readable checkpoint",
     }
     for flag in ("--resume", "--eval-checkpoint"):
         for name, message in cases.items():
             code, lines = run_in_process(capsys, flag, str(workdir / name))
             assert code == 2, (flag, name)
-            assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (
-                flag,
-                name,
-                lines,
-            )
+            assert len(lines) == 1 and lines[0].startswith("error: "), (flag, name, lines)
+            assert message in lines[0], (flag, name, lines)
     # The settings come from the checkpoint: an explicit flag against them is refused.
     write_checkpoint(
         workdir / "acrobot.npz", env_id="Acrobot-v1", args=acrobot_args, q_table=np.zeros((64, 3))
     )
     refused = {
         ("--resume", good, "--seed", "2"): "--seed is 2 but the checkpoint was trained with 1",
-        ("--resume", good, "--bins", "3", "3", "8", "12"): "--bins is (3, 3, 8, 12) but the checkpoint",
-        ("--resume", good, "--num-envs", "4"): "--num-envs is 4 but the checkpoint was trained with 128",
+        ("--resume", good, "--bins", "3", "3", "8", "12"): "--bins is (3, 3, 8, 12) but the",
+        ("--resume", good, "--num-envs", "4"): "--num-envs is 4 but the checkpoint was",
         ("--resume", "acrobot.npz", "--env-id", "CartPole-v1"): "--env-id is 'CartPole-v1' but",
-        ("--eval-checkpoint", "acrobot.npz", "--env-id", "CartPole-v1"): "--env-id is 'CartPole-v1' but",
-        ("--eval-checkpoint", good, "--bins", "2"): "--bins is (2,) but the checkpoint was trained with",
+        ("--eval-checkpoint", "acrobot.npz", "--env-id", "CartPole-v1"): "--env-id is 'CartPole",
+        ("--eval-checkpoint", good, "--bins", "2"): "--bins is (2,) but the checkpoint was trained",
         ("--resume", good, "--eval-checkpoint", good): "not both",
     }
     for argv, message in refused.items():
         code, lines = run_in_process(capsys, *argv)
         assert code == 2, argv
-        assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (argv, lines)
+        assert len(lines) == 1 and lines[0].startswith("error: "), (argv, lines)
+        assert message in lines[0], (argv, lines)
     assert not (workdir / "runs").exists()
+
+
+def test_checkpoints_reach_the_disk_before_and_after_they_replace_the_old_one(
+    tmp_path, monkeypatch
+):
+    """fsync of the new file before os.replace, of the folder after it: a power loss cannot leave
+    an empty file under the checkpoint's name."""
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.path.isdir(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(source, target):
+        events.append(("replace", Path(target).name))
+        real_replace(source, target)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    path = tmp_path / "run" / "agent.npz"
+    write_checkpoint(path)
+    assert events == [("fsync", False), ("replace", "agent.npz"), ("fsync", True)]
+    assert int(load_npz(path)["global_step"]) == 0
+    assert [p.name for p in path.parent.iterdir()] == ["agent.npz"]
+
+
+def test_an_evaluated_kind_evaluates_but_does_not_resume(capsys, workdir, monkeypatch):
+    """The rule for the day the file changes: an earlier kind named in EVALUATED_KINDS is still
+    evaluated, and --resume of it is refused in one line."""
+    monkeypatch.setattr(qlearning_cartpole, "EVALUATED_KINDS", ("q-table/0",))
+    old = write_checkpoint(workdir / "old.npz", kind="q-table/0")
+    qlearning_cartpole.main(qlearning_cartpole.parse_args(["--eval-checkpoint", old]))
+    assert eval_figures(capsys.readouterr().out)[2] == "10"
+    code, lines = run_in_process(capsys, "--resume", old)
+    assert code == 2 and len(lines) == 1, lines
+    assert "holds a q-table/0 checkpoint" in lines[0] and "not resumed" in lines[0]
 
 
 # --- learning --------------------------------------------------------------------------------
