@@ -346,7 +346,8 @@ def plot_script(script: str, runs: list[RunResult], path: Path) -> None:
         axes[2].set_ylabel(extra[1])
     for axis in axes:
         axis.grid(alpha=0.3)
-    axes[0].legend(loc="best", fontsize=8)
+    if axes[0].get_legend_handles_labels()[0]:  # none where no run logged a training return
+        axes[0].legend(loc="best", fontsize=8)
     seeds = sorted({run.seed for run in runs})
     figure.suptitle(
         f"{script}: mean over seeds {', '.join(map(str, seeds))}; band: min-max over seeds; "
