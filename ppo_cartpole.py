@@ -395,8 +395,9 @@ def main(args: Args) -> None:
             check_seed = args.seed + SOLVED_CHECK_SEED_OFFSET + global_step
             check_returns = evaluate(agent, args.env_id, args.eval_episodes, check_seed, device,
                                      give_up_below=solved_return)  # fmt: skip
-            run.writer.add_scalar("charts/solved_check_min_return", check_returns.min(), global_step)
-            if check_returns.min() >= solved_return:
+            lowest = check_returns.min()
+            run.writer.add_scalar("charts/solved_check_min_return", lowest, global_step)
+            if lowest >= solved_return:
                 solved_at = global_step
                 break
     envs.close()
