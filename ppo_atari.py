@@ -884,7 +884,7 @@ def evaluate_checkpoint(args: Args) -> None:
         check_settings(args, checkpoint["args"], may_change=set(checkpoint["args"]) - MODEL_SETTINGS)
         return checkpoint
 
-    def play(checkpoint: dict | None, path: str = "", video_path: Path | None = None) -> np.ndarray:
+    def play(checkpoint: dict | None, path: str, video_path: Path | None = None) -> dict:
         agent = None
         if checkpoint is not None:
             agent = build_agent(args.env_id, device(), args.bf16)
@@ -896,103 +896,113 @@ def evaluate_checkpoint(args: Args) -> None:
             args.env_backend,
             args.env_threads,
         )
-        return evaluate(agent, envs, args.seed + EVAL_SEED_OFFSET, device(), args.eval_greedy, video_path)
+        seed = args.seed + EVAL_SEED_OFFSET
+        return {"return": evaluate(agent, envs, seed, device(), args.eval_greedy, video_path)}
 
     if Path(args.eval_checkpoint).is_dir():
-        evaluate_checkpoint_folder(args.eval_checkpoint, load, play)
+        evaluate_checkpoint_folder(args.eval_checkpoint, load, play, ".pt", "agent steps")
         return
     checkpoint = load(args.eval_checkpoint)
     video = (
         Path(f"videos/{checkpoint['run_name']}/eval-checkpoint/episode-0.mp4") if args.capture_video else None
     )
-    returns = play(checkpoint, args.eval_checkpoint, video)
+    returns = play(checkpoint, args.eval_checkpoint, video)["return"]
     print(f"{eval_summary(returns)} ({args.eval_checkpoint})")
 
 
 def evaluate_checkpoint_folder(
     folder: str,
     load: Callable[[str], dict],
-    play: Callable[..., np.ndarray],
-) -> list[tuple[int, np.ndarray]]:
-    """Evaluate every checkpoint in `folder` in step order: print a table (step, mean ± std, min,
-    max), write eval_curve.csv and eval_curve.png (return vs steps, ± std band, the random
-    policy's return as a line) into the folder; return [(step, returns)], the random policy's
-    last with step -1.
+    play: Callable[[dict | None, str], dict[str, np.ndarray]],
+    suffix: str,
+    x_label: str,
+) -> list[tuple[int, dict[str, np.ndarray]]]:
+    """Evaluate every checkpoint (*`suffix`) in `folder` in step order: print a table, write
+    eval_curve.csv and eval_curve.png into the folder; return [(step, metrics)], the random
+    policy's last with step -1.
 
     `load(path)` reads one checkpoint (a dict with "global_step" and "env_id") and fails with one
-    line on a file that is not one of this script's or does not match the command line's flags;
-    `play(checkpoint, path)` plays the evaluation
-    episodes of a loaded checkpoint, `play(None)` those of the uniformly random policy, on the same
-    seeds, and both return the episodes' returns. Everything is checked before anything is played.
+    line on a file that is not one of the script's or does not match the command line's flags;
+    every checkpoint is loaded once before anything is played. `play(checkpoint, path)` plays the
+    evaluation episodes of a loaded checkpoint, `play(None, "")` those of the uniformly random
+    policy on the same seeds; both return per-episode arrays by metric: "return", then any extra
+    metric the script reports. The table and the CSV give the return's mean, std, min and max,
+    then each extra metric's mean and std; the PNG draws the return against `x_label` (with the
+    run's training returns from its TensorBoard log beside the folder), then one panel per extra
+    metric, each with the random policy's mean as a line.
     """
-    paths = sorted(str(path) for path in Path(folder).glob("*.pt"))
+    paths = sorted(str(path) for path in Path(folder).glob(f"*{suffix}"))
     if not paths:
-        fail(f"{folder} holds no checkpoints (*.pt); give a file, or a folder like runs/<run>/checkpoints")
+        fail(f"{folder} holds no checkpoints (*{suffix}); give a file, or runs/<run>/checkpoints")
     steps, env_ids = {}, set()
-    for path in paths:  # load each once to check it; keep only the step, not the weights
-        checkpoint = load(path)
-        steps[path], env_ids = int(checkpoint["global_step"]), env_ids | {checkpoint["env_id"]}
+    # Shown once the check takes a second: a quick refusal stays one line.
+    for path in tqdm(paths, desc="checking checkpoints", unit="checkpoint", delay=1, leave=False):
+        checkpoint = load(path)  # keep only the step and the env, not the weights
+        steps[path], env_ids = int(checkpoint["global_step"]), env_ids | {str(checkpoint["env_id"])}
     if len(env_ids) > 1:
         fail(f"{folder} mixes checkpoints of {', '.join(sorted(env_ids))}; evaluate one run's folder")
     paths.sort(key=steps.get)
-
     results = []
-    with tqdm(
-        total=len(paths) + 1, desc="evaluating checkpoints", unit="checkpoint", dynamic_ncols=True
-    ) as bar:
-        for path in paths:
-            results.append((steps[path], play(load(path), path)))
-            bar.update()
-        results.append((-1, play(None)))
-        bar.update()
+    # "" stands for the random policy, played last.
+    for path in tqdm([*paths, ""], desc="evaluating checkpoints", unit="checkpoint"):
+        results.append((steps.get(path, -1), play(load(path) if path else None, path)))
 
-    (_, random_returns), checkpoint_results = results[-1], results[:-1]
-    rows = [("random", random_returns)] + [(str(step), returns) for step, returns in checkpoint_results]
-    print(f"{'step':>12s}  {'mean':>8s} ± {'std':<6s} {'min':>8s} {'max':>8s}")
-    for label, returns in rows:
-        print(
-            f"{label:>12s}  {returns.mean():8.2f} ± {returns.std():<6.2f} {returns.min():8.2f} {returns.max():8.2f}"
-        )
+    checkpoints, (_, random_policy) = results[:-1], results[-1]
+    extras = [name for name in random_policy if name != "return"]
+    width = {name: max(8, len(name)) for name in extras}
+    header = f"{'step':>12s}  {'mean':>8s} ± {'std':<6s} {'min':>8s} {'max':>8s}"
+    print(header + "".join(f"  {name:>{width[name]}s} ± {'std':<6s}" for name in extras))
+    csv_header = ["step,mean,std,min,max,episodes"]
+    for name in extras:  # column-safe snake case: "tracking RMSE (m)" -> tracking_rmse_m
+        column = "_".join("".join(c if c.isalnum() else " " for c in name.lower()).split())
+        csv_header.append(f"{column}_mean,{column}_std")
     with open(Path(folder) / "eval_curve.csv", "w") as csv_file:
-        csv_file.write("step,mean,std,min,max,episodes\n")
-        for label, returns in rows:
-            step = -1 if label == "random" else label
-            csv_file.write(
-                f"{step},{returns.mean()},{returns.std()},{returns.min()},{returns.max()},{len(returns)}\n"
-            )
+        csv_file.write(",".join(csv_header) + "\n")
+        for step, values in [results[-1], *checkpoints]:
+            returns = values["return"]
+            mean, std, low, high = returns.mean(), returns.std(), returns.min(), returns.max()
+            label = "random" if step < 0 else step
+            line = f"{label:>12}  {mean:8.2f} ± {std:<6.2f} {low:8.2f} {high:8.2f}"
+            cells = [step, mean, std, low, high, len(returns)]
+            for name in extras:
+                mean, std = values[name].mean(), values[name].std()
+                line += f"  {mean:>{width[name]}.4g} ± {std:<6.4g}"
+                cells += [mean, std]
+            print(line)
+            csv_file.write(",".join(map(str, cells)) + "\n")
 
     # Imported here: only this command draws, and a Figure needs no display or pyplot state.
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(7, 4), layout="constrained")
-    axes = figure.subplots()
-    x = np.array([step for step, _ in checkpoint_results])
-    mean = np.array([returns.mean() for _, returns in checkpoint_results])
-    std = np.array([returns.std() for _, returns in checkpoint_results])
-    axes.plot(x, mean, marker="o", label=f"checkpoints (mean of {len(random_returns)} episodes)")
-    axes.fill_between(x, mean - std, mean + std, alpha=0.25, label="± std")
-    axes.axhline(random_returns.mean(), color="grey", linestyle="--", label="random policy")
+    figure = Figure(figsize=(7, 4 + 2.5 * len(extras)), layout="constrained")
+    panels = figure.subplots(1 + len(extras), 1, sharex=True, squeeze=False)[:, 0]
+    x = np.array([step for step, _ in checkpoints])
+    for panel, name in zip(panels, ["return", *extras], strict=True):
+        mean = np.array([values[name].mean() for _, values in checkpoints])
+        std = np.array([values[name].std() for _, values in checkpoints])
+        episodes = len(random_policy[name])
+        panel.plot(x, mean, marker="o", label=f"checkpoints (mean of {episodes} episodes)")
+        panel.fill_between(x, mean - std, mean + std, alpha=0.25, label="± std")
+        baseline = random_policy[name].mean()
+        panel.axhline(baseline, color="grey", linestyle="--", label="random policy")
+        panel.set_ylabel("evaluation return" if name == "return" else name)
     # The folder of kept checkpoints sits in its run's folder, beside the training's own log.
-    steps, returns = training_returns(Path(folder).parent)
+    train_steps, returns = training_returns(Path(folder).parent)
     if len(returns):
         window = min(20, len(returns))
         smoothed = np.convolve(returns, np.ones(window) / window, mode="valid")
-        axes.plot(
-            steps[window - 1 :],
-            smoothed,
-            linewidth=1,
-            alpha=0.7,
-            label=f"training (mean of {window} episodes)",
-        )
-    axes.set(xlabel="agent steps", ylabel="evaluation return", title=env_ids.pop())
-    axes.legend(loc="best")
+        label = f"training (mean of {window} episodes)"
+        panels[0].plot(train_steps[window - 1 :], smoothed, linewidth=1, alpha=0.7, label=label)
+    panels[0].set_title(env_ids.pop())
+    panels[0].legend(loc="best")
+    panels[-1].set_xlabel(x_label)
     figure.savefig(Path(folder) / "eval_curve.png", dpi=100)
     print(f"wrote {Path(folder) / 'eval_curve.csv'} and {Path(folder) / 'eval_curve.png'}")
     return results
 
 
 def training_returns(run_dir: Path) -> tuple[np.ndarray, np.ndarray]:
-    """(agent steps, returns) of the training episodes logged under `run_dir`; empty if none."""
+    """(steps, returns) of the training episodes logged under `run_dir`; empty if none."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
@@ -1000,7 +1010,8 @@ def training_returns(run_dir: Path) -> tuple[np.ndarray, np.ndarray]:
     if "charts/episodic_return" not in events.Tags()["scalars"]:
         return np.zeros(0, dtype=np.int64), np.zeros(0)
     scalars = events.Scalars("charts/episodic_return")
-    return np.array([scalar.step for scalar in scalars]), np.array([scalar.value for scalar in scalars])
+    steps = np.array([scalar.step for scalar in scalars])
+    return steps, np.array([scalar.value for scalar in scalars])
 
 
 # Copied from ppo_cartpole.py: save_checkpoint

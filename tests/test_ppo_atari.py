@@ -594,12 +594,12 @@ def test_evaluate_checkpoint_folder_plays_in_step_order_and_writes_table_csv_and
     def load(path):
         return {"global_step": steps[os.path.basename(path)], "env_id": "ALE/Pong-v5"}
 
-    def play(checkpoint, path=""):
+    def play(checkpoint, path):
         played.append(None if checkpoint is None else checkpoint["global_step"])
         step = -1 if checkpoint is None else checkpoint["global_step"]
-        return np.array([step / 10, step / 10 + 2.0])
+        return {"return": np.array([step / 10, step / 10 + 2.0])}
 
-    results = ppo_atari.evaluate_checkpoint_folder(str(tmp_path), load, play)
+    results = ppo_atari.evaluate_checkpoint_folder(str(tmp_path), load, play, ".pt", "agent steps")
     assert played == [20, 300, 1000, None]  # the random policy last, on the same seeds
     assert [step for step, _ in results] == [20, 300, 1000, -1]
     out = capsys.readouterr().out.splitlines()
@@ -616,6 +616,62 @@ def test_evaluate_checkpoint_folder_plays_in_step_order_and_writes_table_csv_and
     assert (tmp_path / "eval_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def png_height(path) -> int:
+    """The height in pixels of a PNG file (from its IHDR chunk)."""
+    return int.from_bytes(path.read_bytes()[20:24], "big")
+
+
+def test_evaluate_checkpoint_folder_reports_every_metric_that_play_returns(tmp_path, capsys):
+    # Any script's checkpoints: here .npz files (a .pt among them is not one), two extra metrics.
+    steps = {"x_000000000500.npz": 500, "x_000000000250.npz": 250, "other.pt": 9}
+    for name in steps:
+        (tmp_path / name).write_bytes(b"")
+    calls = []
+
+    def load(path):
+        return {"global_step": np.array(steps[os.path.basename(path)]), "env_id": np.str_("Env-v0")}
+
+    def play(checkpoint, path):
+        calls.append(path)
+        step = -100 if checkpoint is None else int(checkpoint["global_step"])
+        return {
+            "return": np.array([step, step + 2.0]),
+            "tracking RMSE (m)": np.array([1 / step, 3 / step]),
+            "pipes": np.array([step // 50, step // 50]),
+        }
+
+    folder = str(tmp_path)
+    results = ppo_atari.evaluate_checkpoint_folder(folder, load, play, ".npz", "environment steps")
+    assert calls == [str(tmp_path / "x_000000000250.npz"), str(tmp_path / "x_000000000500.npz"), ""]
+    assert [step for step, _ in results] == [250, 500, -1]
+    assert list(results[0][1]) == ["return", "tracking RMSE (m)", "pipes"]
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split() == [
+        "step", "mean", "±", "std", "min", "max", "tracking", "RMSE", "(m)", "±", "std",
+        "pipes", "±", "std",
+    ]  # fmt: skip
+    row = table[2].split()
+    assert row[:1] + row[6:] == ["250", "0.008", "±", "0.004", "5", "±", "0"], table
+    csv = (tmp_path / "eval_curve.csv").read_text().splitlines()
+    extra_columns = "tracking_rmse_m_mean,tracking_rmse_m_std,pipes_mean,pipes_std"
+    assert csv[0] == "step,mean,std,min,max,episodes," + extra_columns
+    rows = np.array([[float(value) for value in line.split(",")] for line in csv[1:]])
+    for row, (step, played) in zip(rows, [results[-1], *results[:-1]], strict=True):
+        returns, rmse, pipes = played.values()
+        expected = [step, returns.mean(), returns.std(), returns.min(), returns.max(), 2]
+        expected += [rmse.mean(), rmse.std(), pipes.mean(), pipes.std()]
+        np.testing.assert_allclose(row, expected)
+    assert rows[:, 0].tolist() == [-1, 250, 500]
+    # One panel per extra metric under the return's: taller than the figure of the return alone.
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    (alone / "x_000000000250.npz").write_bytes(b"")
+    ppo_atari.evaluate_checkpoint_folder(
+        str(alone), load, lambda checkpoint, path: {"return": np.zeros(2)}, ".npz", "steps"
+    )
+    assert png_height(tmp_path / "eval_curve.png") > png_height(alone / "eval_curve.png")
+
+
 @pytest.mark.parametrize(
     ("files", "message"),
     [
@@ -630,13 +686,14 @@ def test_evaluate_checkpoint_folder_refuses_an_empty_or_mixed_folder(tmp_path, c
     for name in files:
         (tmp_path / name).write_bytes(b"")
 
-    def play(checkpoint, path=""):
+    def play(checkpoint, path):
         raise AssertionError("nothing may be played before the folder is checked")
 
+    def load(path):
+        return {"global_step": 1, "env_id": files[os.path.basename(path)]}
+
     with pytest.raises(SystemExit) as exit_info:
-        ppo_atari.evaluate_checkpoint_folder(
-            str(tmp_path), lambda path: {"global_step": 1, "env_id": files[os.path.basename(path)]}, play
-        )
+        ppo_atari.evaluate_checkpoint_folder(str(tmp_path), load, play, ".pt", "agent steps")
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
