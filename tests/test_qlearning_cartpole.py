@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import re
@@ -321,6 +322,43 @@ def test_eval_checkpoint_repeats_the_final_evaluation_and_periodic_checkpoints_r
     for key in ("charts/epsilon", "charts/learning_rate"):
         assert resumed.scalars[key] == trained.scalars[key][2:], key  # the logs at 3072 and 4096
     assert int(load_npz(resumed.checkpoints("qlearning_cartpole.npz")[0])["global_step"]) == 4096
+
+
+def test_eval_checkpoint_of_a_folder_draws_the_curve_of_its_kept_checkpoints(capsys, workdir):
+    """--eval-checkpoint runs/<run>/checkpoints evaluates each kept checkpoint in step order, and
+    the random policy, on the episodes that --eval-checkpoint of each file plays: eval_curve.csv
+    has the same figures, eval_curve.png draws them. A folder without checkpoints of this script
+    gets one line."""
+    qlearning_cartpole.main(qlearning_cartpole.parse_args([*TINY, "--checkpoint-freq", "1500"]))
+    (folder,) = workdir.glob("runs/*/checkpoints")
+    kept = sorted(folder.glob("*.npz"))
+    assert [int(load_npz(path)["global_step"]) for path in kept] == [1504, 3000, 4096]
+    argv = ["--eval-checkpoint", str(folder), "--eval-episodes", "2"]
+    qlearning_cartpole.main(qlearning_cartpole.parse_args(argv))
+    assert (folder / "eval_curve.png").stat().st_size > 0
+    with open(folder / "eval_curve.csv") as csv_file:
+        rows = list(csv.DictReader(csv_file))
+    assert [row["step"] for row in rows] == ["-1", "1504", "3000", "4096"]
+    assert rows[0]["episodes"] == "2"  # the random policy's
+    capsys.readouterr()
+    for path, row in zip(kept, rows[1:], strict=True):
+        qlearning_cartpole.main(qlearning_cartpole.parse_args(["--eval-checkpoint", str(path)]))
+        mean, std, episodes = eval_figures(capsys.readouterr().out)
+        assert (f"{float(row['mean']):.2f}", f"{float(row['std']):.2f}") == (mean, std), path
+        assert row["episodes"] == episodes == "2"
+
+    (workdir / "empty").mkdir()
+    (workdir / "torch").mkdir()
+    (workdir / "torch" / "ppo_cartpole_000000001024.pt").write_bytes(b"not ours")
+    (workdir / "other").mkdir()
+    write_checkpoint(workdir / "other" / "dqn_000000001024.npz", kind="dqn/1")
+    for name, message in {
+        "empty": "holds no checkpoints (*.npz)",
+        "torch": "holds no checkpoints (*.npz)",
+        "other": "holds a dqn/1 checkpoint",
+    }.items():
+        code, lines = run_in_process(capsys, "--eval-checkpoint", str(workdir / name))
+        assert code == 2 and len(lines) == 1 and message in lines[0], (name, lines)
 
 
 def test_resume_alone_restores_the_table_and_replay_exactly(run_script, tmp_path):
