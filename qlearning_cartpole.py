@@ -514,9 +514,9 @@ def evaluate_checkpoint(args: Args) -> None:
         if checkpoint is not None:
             q_table = np.zeros((int(np.prod(args.bins)), num_actions))
             restore(checkpoint, path, q_table=q_table)
-        eval_seed = args.seed + EVAL_SEED_OFFSET
-        return {"return": evaluate(q_table, low, high, bins, args.env_id, args.eval_episodes,
-                                   eval_seed, video)}  # fmt: skip
+        seed = args.seed + EVAL_SEED_OFFSET
+        returns = evaluate(q_table, low, high, bins, args.env_id, args.eval_episodes, seed, video)
+        return {"return": returns}
 
     if Path(args.eval_checkpoint).is_dir():
         evaluate_checkpoint_folder(
