@@ -209,13 +209,14 @@ def test_fix_copies_makes_drifted_copies_identical():
 
 
 if __name__ == "__main__":
-    # `python tests/test_copies.py --fix`: rewrite every marked copy from its origin, as
-    # transformers' `make fix-copies` does; the test above then passes.
+    # `python tests/test_copies.py --fix [SCRIPT ...]`: rewrite the marked copies (in the scripts
+    # named, or in all) from their origins, as transformers' `make fix-copies` does.
     import sys
 
-    if sys.argv[1:] != ["--fix"]:
-        sys.exit("usage: python tests/test_copies.py --fix")
+    if sys.argv[1:2] != ["--fix"]:
+        sys.exit("usage: python tests/test_copies.py --fix [SCRIPT ...]")
+    chosen = set(sys.argv[2:]) or set(SCRIPTS)
     for script, text in fix_copies(read_scripts()).items():
-        if text != (ROOT / script).read_text():
+        if script in chosen and text != (ROOT / script).read_text():
             (ROOT / script).write_text(text)
             print(f"rewrote the marked copies in {script}")
