@@ -394,10 +394,13 @@ def check_env(env_id: str) -> tuple[int, int]:
 # Copied from ppo_cartpole.py: parse_args
 def parse_args(argv: list[str] | None = None) -> Args:
     """The command line as Args. With --resume or --eval-checkpoint, every flag left out takes the
-    checkpoint's setting, so `--resume PATH` alone continues the run that PATH belongs to."""
+    checkpoint's setting, so `--resume PATH` alone continues the run that PATH belongs to (for a
+    folder of checkpoints, the settings of its first)."""
     args = tyro.cli(Args, args=argv)
     path = args.resume or args.eval_checkpoint
-    if path is None or Path(path).is_dir():
+    if path is not None and Path(path).is_dir():
+        path = next(iter(sorted(Path(path).glob(f"*{CHECKPOINT_SUFFIX}"))), None)
+    if path is None:  # (an empty folder is reported by the evaluation of the folder)
         return args
     saved_args = load_checkpoint(path)["args"]
     known = {field.name for field in fields(Args)}

@@ -616,6 +616,42 @@ def test_a_checkpoint_of_the_previous_kind_evaluates_but_does_not_resume(in_tmp,
     )
 
 
+def test_a_folder_of_kept_checkpoints_evaluates_into_a_curve(in_tmp, capsys):
+    """--eval-checkpoint FOLDER: every kept checkpoint in step order, each with the figures that
+    --eval-checkpoint gives it alone, and the random policy on the same episodes."""
+    main_in_process(*TINY[2:], "--total-timesteps", "768", "--checkpoint-freq", "256")
+    capsys.readouterr()
+    (folder,) = in_tmp.glob("runs/*/checkpoints")
+    kept = sorted(folder.glob("*.pt"))
+    assert len(kept) == 3
+    alone = []
+    for path in kept:
+        main_in_process("--eval-checkpoint", path)
+        alone.append(eval_figures(capsys.readouterr().out))
+    main_in_process("--eval-checkpoint", folder)
+    rows = [line.split(",") for line in (folder / "eval_curve.csv").read_text().splitlines()]
+    assert rows[0] == ["step", "mean", "std", "min", "max", "episodes"]
+    assert [row[0] for row in rows[1:]] == ["-1", "256", "512", "768"]
+    for row, (mean, std, episodes) in zip(rows[2:], alone, strict=True):
+        assert (f"{float(row[1]):.2f}", f"{float(row[2]):.2f}", row[5]) == (mean, std, episodes)
+    assert (folder / "eval_curve.png").stat().st_size > 0
+    # The random policy plays the same episodes, with random actions: not one fixed action.
+    random_returns = ppo_cartpole.evaluate(None, "CartPole-v1", 20, 3, torch.device("cpu"))
+    one_action = ppo_cartpole.evaluate(
+        ppo_cartpole.Agent(4, 2), "CartPole-v1", 20, 3, torch.device("cpu")
+    )
+    assert random_returns.std() > 0 and not np.array_equal(random_returns, one_action)
+
+    # Bad input: an empty folder, and a folder of another script's checkpoints.
+    (in_tmp / "empty").mkdir()
+    code, lines = run_in_process(capsys, "--eval-checkpoint", in_tmp / "empty")
+    assert code == 2 and len(lines) == 1 and "holds no checkpoints" in lines[0], lines
+    (in_tmp / "other").mkdir()
+    torch.save({"kind": "dqn/3", "args": {}}, in_tmp / "other" / "x.pt")
+    code, lines = run_in_process(capsys, "--eval-checkpoint", in_tmp / "other")
+    assert code == 2 and len(lines) == 1 and "holds a dqn/3 checkpoint" in lines[0], lines
+
+
 def test_any_discrete_env_works_through_the_sync_vector_env(in_tmp):
     main_in_process("--env-id", "Acrobot-v1", *TINY, "--no-save-model")
     assert len(read_scalars(in_tmp / "runs")["eval/episodic_return"]) == 2
