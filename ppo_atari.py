@@ -9,7 +9,7 @@ learning, and the logged returns are the true game scores. Observations stay uin
 network, which scales them to [0, 1] itself.
 
 Run:
-    python ppo_atari.py --env-id ALE/Pong-v5 --track   # train, evaluate, save runs/<run>/ppo_atari.pt
+    python ppo_atari.py --env-id ALE/Pong-v5 --track   # train, evaluate, save a checkpoint
     python ppo_atari.py --env-id BreakoutNoFrameskip-v4   # the older id style: no sticky actions
     python ppo_atari.py --resume runs/<run>/ppo_atari.pt   # continue an interrupted run
     python ppo_atari.py --eval-checkpoint runs/<run>/ppo_atari.pt --capture-video
@@ -92,9 +92,9 @@ class Args:
     # On a CPU crowded by other jobs the threads wait for each other (measured 2-3x slower than
     # one thread at a load of 5 on 2 cores): give --torch-threads 1 there.
     torch_threads: int = torch.get_num_threads()
-    """CPU threads for torch (default: torch's, OMP_NUM_THREADS or one per core; 1 is faster on a CPU crowded by other jobs)"""
+    """CPU threads for torch (default: torch's own; 1 is faster on a CPU crowded by other jobs)"""
     bf16: bool = True
-    """run the convolutions and the hidden layer in bfloat16 (autocast; weights, optimiser and heads stay fp32) where the hardware has native bf16 (AVX512-BF16/AMX CPUs, Ampere+ GPUs); --no-bf16: fp32 throughout"""
+    """run the convolutions and the hidden layer in bfloat16 where the hardware has native bf16"""
     track: bool = False
     """log the run to Weights & Biases (works offline with WANDB_MODE=offline)"""
     wandb_project_name: str = "rl-scripts"
@@ -106,7 +106,7 @@ class Args:
     capture_video: bool = False
     """record the evaluation episodes as mp4 under videos/<run_name>/"""
     save_model: bool = True
-    """save the checkpoint runs/<run_name>/<exp_name>.pt (at the end, periodically, on Ctrl-C/SIGTERM)"""
+    """save runs/<run_name>/<exp_name>.pt (at the end, periodically, on Ctrl-C/SIGTERM)"""
     checkpoint_freq: int = 500_000
     """also save a checkpoint every this many agent steps, each kept in
     runs/<run_name>/checkpoints/ with the trained agent at the end (0: none of them)"""
@@ -399,7 +399,9 @@ def learning_signals(
     step restores the lives, which is no loss.
     """
     reward = np.sign(rewards) if clip_rewards else rewards
-    life_lost = (lives < previous_lives) & ~autoreset if episodic_life else np.zeros_like(terminated)
+    life_lost = (
+        (lives < previous_lives) & ~autoreset if episodic_life else np.zeros_like(terminated)
+    )
     learn_terminated = terminated | life_lost
     return reward.astype(np.float32), learn_terminated, learn_terminated | truncated
 
@@ -475,7 +477,7 @@ def update(
             optimizer.step()
 
             with torch.no_grad():
-                # Schulman's estimators of KL(old || new): the second is unbiased with lower variance.
+                # Schulman's estimators of KL(old || new); the second is unbiased, lower-variance.
                 old_approx_kl = (-log_ratio).mean()
                 approx_kl = ((ratio - 1) - log_ratio).mean()
                 clipfracs.append(((ratio - 1.0).abs() > args.clip_coef).float().mean())
@@ -515,7 +517,9 @@ def main(args: Args) -> None:
         run_name, global_step = checkpoint["run_name"], checkpoint["global_step"]
         check_resume_step(global_step, args.batch_size, ranks.world)
     else:
-        run_name = f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+        run_name = (
+            f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+        )
         global_step = 0
     # Counted in steps, so that a run saved by N ranks resumes in any number of them.
     start_iteration = global_step // steps_per_iteration + 1
@@ -531,7 +535,11 @@ def main(args: Args) -> None:
     seed_everything(seed, args.torch_deterministic)
     device = ranks.local_device(pick_device(args.cuda, args.torch_threads))
     envs = make_envs(
-        args.env_id, args.num_envs, args.repeat_action_probability, args.env_backend, args.env_threads
+        args.env_id,
+        args.num_envs,
+        args.repeat_action_probability,
+        args.env_backend,
+        args.env_threads,
     )
     agent = build_agent(args.env_id, device, args.bf16)
     ranks.copy_from_rank_0(agent)  # the same initial weights on every rank
@@ -575,7 +583,9 @@ def main(args: Args) -> None:
     for iteration in range(start_iteration, num_iterations + 1):
         previous_step = global_step
         if args.anneal_lr:
-            optimizer.param_groups[0]["lr"] = linear_schedule(args.learning_rate, iteration, num_iterations)
+            optimizer.param_groups[0]["lr"] = linear_schedule(
+                args.learning_rate, iteration, num_iterations
+            )
 
         for step in range(args.num_steps):
             global_step += args.num_envs * ranks.world  # the steps of every rank
@@ -591,11 +601,14 @@ def main(args: Args) -> None:
             next_obs, reward, term, trunc, infos = envs.step(action.cpu().numpy())
             # Clipped rewards, and a lost life as a terminal state (see learning_signals).
             rewards[step], terminated[step], episode_ended[step] = learning_signals(
-                reward, term, trunc, infos["lives"], lives, next_is_autoreset, args.clip_rewards, args.episodic_life
+                reward, term, trunc, infos["lives"], lives, next_is_autoreset,
+                args.clip_rewards, args.episodic_life,
             )  # fmt: skip
             lives, next_is_autoreset = infos["lives"], term | trunc
             for i in np.flatnonzero(infos.get("_episode", [])):
-                run.log_episode(float(infos["episode"]["r"][i]), int(infos["episode"]["l"][i]), global_step)
+                run.log_episode(
+                    float(infos["episode"]["r"][i]), int(infos["episode"]["l"][i]), global_step
+                )
 
         with torch.inference_mode():
             # After the last step: V(next obs), which is V(final obs) where a game just ended.
@@ -609,7 +622,8 @@ def main(args: Args) -> None:
                 args.gae_lambda,
             )
         keep = torch.from_numpy(np.flatnonzero(valid)).to(device)  # the real transitions
-        b_values, b_returns, b_advantages = values[:-1].flatten(), returns.flatten(), advantages.flatten()
+        b_values, b_returns = values[:-1].flatten(), returns.flatten()
+        b_advantages = advantages.flatten()
         stats = update(
             agent, optimizer, args, keep, obs.flatten(0, 1), actions.flatten(), logprobs.flatten(),
             b_advantages, b_returns, b_values, ranks.average,
@@ -618,7 +632,9 @@ def main(args: Args) -> None:
         run.stop_if_not_finite(stats["finite"], training_state, global_step)
         if crossed(args.log_interval, global_step, previous_step):
             losses = {f"losses/{key}": value for key, value in stats.items() if key != "finite"}
-            losses["losses/explained_variance"] = explained_variance(b_values[keep], b_returns[keep])
+            losses["losses/explained_variance"] = explained_variance(
+                b_values[keep], b_returns[keep]
+            )
             run.log(losses | {"charts/learning_rate": optimizer.param_groups[0]["lr"]}, global_step)
         if iteration % 10 == 1:
             run.writer.add_histogram("losses/advantages", b_advantages[keep], global_step)
@@ -635,9 +651,15 @@ def main(args: Args) -> None:
 
     video = Path(f"videos/{run_name}/eval/episode-0.mp4") if args.capture_video else None
     eval_envs = make_envs(
-        args.env_id, args.eval_episodes, args.repeat_action_probability, args.env_backend, args.env_threads
+        args.env_id,
+        args.eval_episodes,
+        args.repeat_action_probability,
+        args.env_backend,
+        args.env_threads,
     )
-    eval_returns = evaluate(agent, eval_envs, args.seed + EVAL_SEED_OFFSET, device, args.eval_greedy, video)
+    eval_returns = evaluate(
+        agent, eval_envs, args.seed + EVAL_SEED_OFFSET, device, args.eval_greedy, video
+    )
     for episode, episode_return in enumerate(eval_returns):
         run.log({"eval/episodic_return": episode_return}, episode)
     run.finish(global_step, eval_summary(eval_returns))
@@ -688,7 +710,10 @@ def validate(args: Args) -> None:
     for name in ("gamma", "gae_lambda"):
         if not 0.0 <= getattr(args, name) <= 1.0:
             fail(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}")
-    if args.repeat_action_probability is not None and not 0.0 <= args.repeat_action_probability <= 1.0:
+    if (
+        args.repeat_action_probability is not None
+        and not 0.0 <= args.repeat_action_probability <= 1.0
+    ):
         fail(f"--repeat-action-probability must be in [0, 1], got {args.repeat_action_probability}")
     for name in ("learning_rate", "clip_coef", "max_grad_norm"):
         if getattr(args, name) <= 0:
@@ -807,7 +832,9 @@ def native_bf16(device: torch.device) -> bool:
     return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", flags))
 
 
-def restore(agent: Agent, optimizer: torch.optim.Optimizer | None, checkpoint: dict, path: str) -> None:
+def restore(
+    agent: Agent, optimizer: torch.optim.Optimizer | None, checkpoint: dict, path: str
+) -> None:
     """Load the saved weights (and optimiser state); a mismatch fails with one line."""
     try:
         agent.load_state_dict(checkpoint["model"])
@@ -881,7 +908,9 @@ def evaluate_checkpoint(args: Args) -> None:
 
     def load(path: str) -> dict:
         checkpoint = load_checkpoint(path)
-        check_settings(args, checkpoint["args"], may_change=set(checkpoint["args"]) - MODEL_SETTINGS)
+        check_settings(
+            args, checkpoint["args"], may_change=set(checkpoint["args"]) - MODEL_SETTINGS
+        )
         return checkpoint
 
     def play(checkpoint: dict | None, path: str, video_path: Path | None = None) -> dict:
@@ -904,7 +933,9 @@ def evaluate_checkpoint(args: Args) -> None:
         return
     checkpoint = load(args.eval_checkpoint)
     video = (
-        Path(f"videos/{checkpoint['run_name']}/eval-checkpoint/episode-0.mp4") if args.capture_video else None
+        Path(f"videos/{checkpoint['run_name']}/eval-checkpoint/episode-0.mp4")
+        if args.capture_video
+        else None
     )
     returns = play(checkpoint, args.eval_checkpoint, video)["return"]
     print(f"{eval_summary(returns)} ({args.eval_checkpoint})")
@@ -940,7 +971,9 @@ def evaluate_checkpoint_folder(
         checkpoint = load(path)  # keep only the step and the env, not the weights
         steps[path], env_ids = int(checkpoint["global_step"]), env_ids | {str(checkpoint["env_id"])}
     if len(env_ids) > 1:
-        fail(f"{folder} mixes checkpoints of {', '.join(sorted(env_ids))}; evaluate one run's folder")
+        fail(
+            f"{folder} mixes checkpoints of {', '.join(sorted(env_ids))}; evaluate one run's folder"
+        )
     paths.sort(key=steps.get)
     results = []
     # "" stands for the random policy, played last.
@@ -1222,17 +1255,20 @@ class Ranks:
 
     def local_device(self, device: torch.device) -> torch.device:
         """Each rank of a machine on its own GPU."""
-        return torch.device("cuda", self.local_rank) if device.type == "cuda" and self.world > 1 else device
+        return (
+            torch.device("cuda", self.local_rank)
+            if device.type == "cuda" and self.world > 1
+            else device
+        )
 
     def collective(self, operation: Callable[[], object]) -> None:
-        """Run a collective; a rank that died or hangs ends this one with one line, not a traceback."""
+        """Run a collective; a rank that died or hangs ends this one in one line, no traceback."""
         try:
             operation()
         except (RuntimeError, dist.DistBackendError) as error:
-            print(
-                f"error: rank {self.rank}: another rank stopped answering ({str(error).splitlines()[0]})",
-                file=sys.stderr,
-            )
+            reason = str(error).splitlines()[0]
+            message = f"error: rank {self.rank}: another rank stopped answering ({reason})"
+            print(message, file=sys.stderr)
             self.before_hard_exit()
             os._exit(1)  # the process group cannot be shut down cleanly without the lost rank
 
@@ -1275,15 +1311,22 @@ class Ranks:
         """After training, check that every rank holds the same parameters, bit for bit."""
         if self.world == 1:
             return
-        flat = torch.cat([tensor.detach().flatten().float() for tensor in module.state_dict().values()])
+        flat = torch.cat(
+            [tensor.detach().flatten().float() for tensor in module.state_dict().values()]
+        )
         lowest, highest = flat.clone(), flat.clone()
         self.collective(lambda: dist.all_reduce(lowest, op=dist.ReduceOp.MIN))
         self.collective(lambda: dist.all_reduce(highest, op=dist.ReduceOp.MAX))
         if not torch.equal(lowest, highest):
-            print(f"error: rank {self.rank}: the ranks' parameters differ after training", file=sys.stderr)
+            print(
+                f"error: rank {self.rank}: the ranks' parameters differ after training",
+                file=sys.stderr,
+            )
             sys.exit(1)
         if self.is_main:
-            print(f"ranks: {self.world} ranks, parameters identical after training", file=sys.stderr)
+            print(
+                f"ranks: {self.world} ranks, parameters identical after training", file=sys.stderr
+            )
 
     @property
     def device_of_collectives(self) -> torch.device:

@@ -1,4 +1,4 @@
-"""Tests of ppo_atari.py: pure parts against slow references, the envs, then the real CLI end to end."""
+"""Tests of ppo_atari.py: pure parts against slow references, the envs, then the CLI end to end."""
 
 from __future__ import annotations
 
@@ -19,7 +19,10 @@ import ppo_atari  # noqa: E402
 
 SCRIPT = "ppo_atari.py"
 # One iteration of 8 envs x 32 steps: Atari steps and CNN updates are slow on a shared CPU.
-TINY = ("--total-timesteps", "256", "--num-steps", "32", "--eval-episodes", "1", "--log-interval", "256")
+TINY = (
+    "--total-timesteps", "256", "--num-steps", "32", "--eval-episodes", "1",
+    "--log-interval", "256",
+)  # fmt: skip
 
 
 # --- GAE and the learning signals --------------------------------------------------------------
@@ -32,7 +35,8 @@ def reference_gae(rewards, values, terminated, ended, after_game_end, gamma, lam
     `terminated[j]` removes its bootstrap. `after_game_end[t]` marks the autoreset step (the step
     after a game ended): not a transition, its advantage is NaN.
     A_t = sum_k (gamma * lam)^k * delta_{t+k}, summed until (and including) the step that ends the
-    episode or the rollout, where delta_j = r_j + gamma * V(obs_{j+1}) * [not terminated_j] - V(obs_j).
+    episode or the rollout, where
+    delta_j = r_j + gamma * V(obs_{j+1}) * [not terminated_j] - V(obs_j).
     """
     steps = len(rewards)
     advantages = [float("nan")] * steps
@@ -72,9 +76,8 @@ def test_compute_gae_matches_slow_reference_with_lives_truncation_and_autoreset(
     terminated = game_over | life_lost
     ended = terminated | truncated
 
-    advantages, returns = ppo_atari.compute_gae(
-        torch.tensor(rewards), torch.tensor(values), torch.tensor(terminated), torch.tensor(ended), gamma, lam
-    )
+    tensors = [torch.tensor(array) for array in (rewards, values, terminated, ended)]
+    advantages, returns = ppo_atari.compute_gae(*tensors, gamma, lam)
     for env in range(envs):
         expected = np.array(
             reference_gae(
@@ -100,15 +103,16 @@ def test_learning_signals_clip_rewards_and_end_learning_episodes_on_lost_lives()
     previous = np.array([3, 3, 0, 1])  # env 0 lost a life; env 2 was just reset (autoreset step)
     autoreset = np.array([False, False, True, False])
 
+    step = (rewards, terminated, truncated, lives, previous, autoreset)
     reward, learn_terminated, ended = ppo_atari.learning_signals(
-        rewards, terminated, truncated, lives, previous, autoreset, clip_rewards=True, episodic_life=True
+        *step, clip_rewards=True, episodic_life=True
     )
     np.testing.assert_array_equal(reward, [1.0, -1.0, 0.0, 1.0])
     np.testing.assert_array_equal(learn_terminated, [True, False, False, True])
     np.testing.assert_array_equal(ended, [True, True, False, True])
 
     reward, learn_terminated, ended = ppo_atari.learning_signals(
-        rewards, terminated, truncated, lives, previous, autoreset, clip_rewards=False, episodic_life=False
+        *step, clip_rewards=False, episodic_life=False
     )
     np.testing.assert_array_equal(reward, rewards)
     np.testing.assert_array_equal(learn_terminated, terminated)
@@ -119,8 +123,9 @@ def test_ppo_loss_matches_elementwise_reference():
     clip = 0.1
     ratios = torch.tensor([1.05, 1.5, 0.5, 1.05, 1.5, 0.5])
     advantages = torch.tensor([1.0, 1.0, 1.0, -1.0, -1.0, -1.0])
+    zeros = torch.zeros(6)
     policy_loss, _, ratio = ppo_atari.ppo_loss(
-        ratios.log(), torch.zeros(6), advantages, torch.zeros(6), torch.zeros(6), torch.zeros(6), clip, True
+        ratios.log(), zeros, advantages, zeros, zeros, zeros, clip, True
     )
     expected = [
         -min(r * a, min(max(r, 1 - clip), 1 + clip) * a)
@@ -136,9 +141,11 @@ def test_network_takes_uint8_frames_and_starts_near_uniform():
     logits, value = agent(frames)
     assert logits.shape == (5, 6) and value.shape == (5,)
     assert logits.abs().max().item() < 0.1  # the 0.01-gain policy head
-    # The /255 scaling lives inside the network: uint8 frames in, the [0, 1] version is what it sees.
+    # The /255 scaling lives inside the network: uint8 frames in, it sees the [0, 1] version.
     expected = agent.actor(agent.trunk(frames.float() / 255.0))
-    np.testing.assert_allclose(logits.detach().numpy(), expected.detach().numpy(), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(
+        logits.detach().numpy(), expected.detach().numpy(), rtol=1e-5, atol=1e-7
+    )
 
 
 def test_bf16_trunk_keeps_fp32_weights_and_heads_and_stays_close_to_fp32():
@@ -175,7 +182,8 @@ def tiny_rollout(size: int, seed: int = 0):
     obs = torch.randint(0, 256, (size, 4, 84, 84), dtype=torch.uint8, generator=generator)
     actions = torch.randint(0, 4, (size,), generator=generator)
     logprobs = torch.full((size,), -np.log(4.0))
-    advantages, returns = torch.randn(size, generator=generator), torch.randn(size, generator=generator)
+    advantages = torch.randn(size, generator=generator)
+    returns = torch.randn(size, generator=generator)
     return obs, actions, logprobs, advantages, returns, torch.zeros(size)
 
 
@@ -201,7 +209,9 @@ def test_update_never_averages_an_empty_minibatch(kept):
         assert int(state["step"]) == 2 * min(4, len(kept))
 
 
-def test_stop_flag_sigint_and_sigterm_stop_with_their_exit_codes_and_a_second_signal_aborts(monkeypatch):
+def test_stop_flag_sigint_and_sigterm_stop_with_their_exit_codes_and_a_second_signal_aborts(
+    monkeypatch,
+):
     monkeypatch.setenv("SDL_NO_SIGNAL_HANDLERS", "1")
     saved = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -259,7 +269,9 @@ def test_preprocessing_gives_stacked_uint8_frames_and_true_rewards(backend):
             generator.integers(0, envs.single_action_space.n, 2)
         )
         rewards.append(reward)
-        lost_life_game_goes_on |= bool(np.any((infos["lives"] < lives) & (infos["lives"] > 0) & ~terminated))
+        lost_life_game_goes_on |= bool(
+            np.any((infos["lives"] < lives) & (infos["lives"] > 0) & ~terminated)
+        )
         lives = infos["lives"]
         # Right after a reset the stack is padded with black frames; later it holds 4 real ones.
         distinct_frames |= obs[0, 0].any() and not all(
@@ -280,7 +292,9 @@ def test_both_backends_start_an_episode_from_the_same_observation():
     # (Pong) give identical frames; Breakout's ball differs by a few pixels (the native env
     # presses FIRE for one frame at reset, the gymnasium wrappers for one 4-frame step).
     for env_id, max_differing in (("ALE/Pong-v5", 0.0), ("ALE/Breakout-v5", 0.01)):
-        native, wrapped = (ppo_atari.make_envs(env_id, 3, None, backend) for backend in ("ale", "gymnasium"))
+        native, wrapped = (
+            ppo_atari.make_envs(env_id, 3, None, backend) for backend in ("ale", "gymnasium")
+        )
         (native_obs, _), (wrapped_obs, _) = native.reset(seed=5), wrapped.reset(seed=5)
         native.close(), wrapped.close()
         assert not native_obs[:, :3].any() and not wrapped_obs[:, :3].any(), env_id
@@ -297,14 +311,14 @@ def test_video_is_made_of_the_observations_the_policy_sees(monkeypatch, tmp_path
         ppo_atari, "write_video", lambda path, frames: written.update(path=path, frames=frames)
     )
     device = torch.device("cpu")
-    with_video = ppo_atari.evaluate(
-        None, ppo_atari.make_envs("ALE/Breakout-v5", 2, None), 7, device, video_path=tmp_path / "v.mp4"
-    )
+    envs = ppo_atari.make_envs("ALE/Breakout-v5", 2, None)
+    with_video = ppo_atari.evaluate(None, envs, 7, device, video_path=tmp_path / "v.mp4")
     seen = []
 
     class Spy:  # the same envs, remembering env 0's observations
         def __init__(self, envs):
-            self.envs, self.num_envs, self.single_action_space = envs, envs.num_envs, envs.single_action_space
+            self.envs, self.num_envs = envs, envs.num_envs
+            self.single_action_space = envs.single_action_space
 
         def reset(self, **kwargs):
             obs, info = self.envs.reset(**kwargs)
@@ -319,7 +333,9 @@ def test_video_is_made_of_the_observations_the_policy_sees(monkeypatch, tmp_path
         def close(self):
             self.envs.close()
 
-    without_video = ppo_atari.evaluate(None, Spy(ppo_atari.make_envs("ALE/Breakout-v5", 2, None)), 7, device)
+    without_video = ppo_atari.evaluate(
+        None, Spy(ppo_atari.make_envs("ALE/Breakout-v5", 2, None)), 7, device
+    )
     np.testing.assert_array_equal(with_video, without_video)
     assert written["path"] == tmp_path / "v.mp4"
     frames = written["frames"]
@@ -355,24 +371,28 @@ def run_main(*argv: str) -> None:
 def test_pong_smoke_run_is_deterministic_logs_every_key_and_tracks(tmp_path):
     first = run_script_in(tmp_path / "a", SCRIPT, "--env-id", "ALE/Pong-v5", *TINY, "--track")
     second = run_script_in(
-        tmp_path / "b", SCRIPT, "--env-id", "ALE/Pong-v5", *TINY, "--no-save-model", "--track", "--wandb-group", "g"
+        tmp_path / "b", SCRIPT, "--env-id", "ALE/Pong-v5", *TINY, "--no-save-model", "--track",
+        "--wandb-group", "g",
     )  # fmt: skip
     assert first.returncode == 0 and second.returncode == 0, first.describe() + second.describe()
     for key in (
         "charts/learning_rate", "charts/SPS", "losses/policy_loss", "losses/value_loss",
         "losses/entropy", "losses/approx_kl", "losses/old_approx_kl", "losses/clipfrac",
-        "losses/explained_variance", "losses/ratio_mean", "losses/ratio_max", "eval/episodic_return",
+        "losses/explained_variance", "losses/ratio_mean", "losses/ratio_max",
+        "eval/episodic_return",
     ):  # fmt: skip
         assert key in first.scalars, f"{key} not logged"
-    for key in ("losses/policy_loss", "losses/value_loss", "losses/entropy", "eval/episodic_return"):
+    for key in ("losses/policy_loss", "losses/value_loss", "losses/entropy"):
         assert first.scalars[key] == second.scalars[key], key
+    assert first.scalars["eval/episodic_return"] == second.scalars["eval/episodic_return"]
     # A Pong game lasts until one side scores 21: the evaluation return is in [-21, 21].
     (eval_return,) = first.values("eval/episodic_return")
     assert -21 <= eval_return <= 21
     assert first.steps("charts/SPS") == [256]
     (checkpoint,) = first.checkpoints()
     state = torch.load(checkpoint, weights_only=True)
-    assert (state["kind"], state["env_id"], state["global_step"]) == ("ppo-atari-cnn/1", "ALE/Pong-v5", 256)
+    assert (state["kind"], state["env_id"]) == ("ppo-atari-cnn/1", "ALE/Pong-v5")
+    assert state["global_step"] == 256
     assert "script" not in state
     assert first.stdout.strip().splitlines()[-1].startswith("done: 256 steps")
     # W&B: grouped by experiment name unless --wandb-group says otherwise; the config is the args.
@@ -387,7 +407,8 @@ def test_pong_smoke_run_is_deterministic_logs_every_key_and_tracks(tmp_path):
 def test_logged_returns_are_the_true_unclipped_scores(run_script):
     result = run_script(
         SCRIPT, "--env-id", "AsterixNoFrameskip-v4", "--num-envs", "4", "--num-steps", "128",
-        "--total-timesteps", "1024", "--update-epochs", "1", "--eval-episodes", "1", "--no-save-model",
+        "--total-timesteps", "1024", "--update-epochs", "1", "--eval-episodes", "1",
+        "--no-save-model",
     )  # fmt: skip
     assert result.returncode == 0, result.describe()
     returns = result.values("charts/episodic_return")
@@ -424,7 +445,8 @@ def test_resume_alone_restores_the_state_refuses_changes_and_eval_checkpoint_rep
     step64 = in_tmp / "step64.pt"
     shutil.copy(run_dir / "checkpoints" / kept[0], step64)
     final.unlink()
-    run_main("--resume", str(step64), "--total-timesteps", "64", "--eval-episodes", "1")  # safe flags
+    # Flags that may change on a resume:
+    run_main("--resume", str(step64), "--total-timesteps", "64", "--eval-episodes", "1")
     saved, restored = torch.load(step64, weights_only=True), torch.load(final, weights_only=True)
     for key in ("kind", "env_id", "run_name", "global_step", "iteration"):
         assert restored[key] == saved[key], key
@@ -437,8 +459,8 @@ def test_resume_alone_restores_the_state_refuses_changes_and_eval_checkpoint_rep
     for index, state in saved["optimizer"]["state"].items():
         for name, tensor in state.items():
             assert torch.equal(restored["optimizer"]["state"][index][name], tensor), (index, name)
-    expected_args = {**saved["args"], "total_timesteps": 64, "eval_episodes": 1, "resume": str(step64)}
-    assert restored["args"] == expected_args
+    changed = {"total_timesteps": 64, "eval_episodes": 1, "resume": str(step64)}
+    assert restored["args"] == {**saved["args"], **changed}
 
     # Defect 9: `--resume PATH` alone continues with the checkpoint's settings to its budget.
     capsys.readouterr()
@@ -456,7 +478,10 @@ def test_resume_alone_restores_the_state_refuses_changes_and_eval_checkpoint_rep
             ("--resume", str(step64), "--num-envs", "4"),
             "--num-envs is 4 but the checkpoint was trained with 2",
         ),
-        (("--resume", str(step64), "--seed", "1"), "--seed is 1 but the checkpoint was trained with 9"),
+        (
+            ("--resume", str(step64), "--seed", "1"),
+            "--seed is 1 but the checkpoint was trained with 9",
+        ),
         (("--eval-checkpoint", str(final), "--env-id", "ALE/Pong-v5"), "--env-id is 'ALE/Pong-v5'"),
     ):
         with pytest.raises(SystemExit) as exit_info:
@@ -466,14 +491,16 @@ def test_resume_alone_restores_the_state_refuses_changes_and_eval_checkpoint_rep
         assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
 
 
-def test_breakout_sigterm_saves_resumes_the_same_wandb_run_and_eval_checkpoint_records_video(run_script):
+def test_breakout_sigterm_saves_resumes_the_same_wandb_run_and_eval_checkpoint_records_video(
+    run_script,
+):
     def checkpointed(workdir):
         return any(workdir.glob("runs/*/checkpoints/*.pt"))
 
     # The budget is far beyond the point of the signal (after the first periodic checkpoint).
     interrupted = run_script(
-        SCRIPT, "--env-id", "BreakoutNoFrameskip-v4", "--total-timesteps", "100000", "--num-steps", "32",
-        "--checkpoint-freq", "256", "--track",
+        SCRIPT, "--env-id", "BreakoutNoFrameskip-v4", "--total-timesteps", "100000",
+        "--num-steps", "32", "--checkpoint-freq", "256", "--track",
         interrupt_when=checkpointed, interrupt_signals=(signal.SIGTERM,),
     )  # fmt: skip
     assert interrupted.returncode == 143, interrupted.describe()
@@ -502,8 +529,9 @@ def test_breakout_sigterm_saves_resumes_the_same_wandb_run_and_eval_checkpoint_r
     line = evaluated.stdout.strip().splitlines()[-1]
     assert line.startswith("eval return ") and "over 1 episodes" in line
     assert eval_figures(line) == eval_figures(resumed.stdout)
-    assert len(list((evaluated.workdir / "videos" / run_dir.name / "eval").rglob("*.mp4"))) == 1
-    assert len(list((evaluated.workdir / "videos" / run_dir.name / "eval-checkpoint").rglob("*.mp4"))) == 1
+    videos = evaluated.workdir / "videos" / run_dir.name
+    assert len(list((videos / "eval").rglob("*.mp4"))) == 1
+    assert len(list((videos / "eval-checkpoint").rglob("*.mp4"))) == 1
 
 
 def test_non_finite_loss_stops_with_a_saved_state(in_tmp, capsys):
@@ -554,14 +582,16 @@ def test_bad_input_through_the_cli_exits_2_with_one_line(run_script, args, messa
 
 
 def test_checkpoints_of_another_kind_or_game_are_refused(in_tmp, capsys):
-    breakout = asdict(ppo_atari.Args(env_id="ALE/Breakout-v5"))
-    base = {"kind": "ppo-atari-cnn/1", "env_id": "ALE/Breakout-v5", "run_name": "x", "args": breakout}
+    args = asdict(ppo_atari.Args(env_id="ALE/Breakout-v5"))
+    base = {"kind": "ppo-atari-cnn/1", "env_id": "ALE/Breakout-v5", "run_name": "x", "args": args}
     torch.save({**base, "kind": "ppo-discrete-mlp/1"}, in_tmp / "other.pt")
     torch.save({"script": "ppo_atari", "env_id": "ALE/Pong-v5", "args": {}}, in_tmp / "old.pt")
     torch.save(base, in_tmp / "breakout.pt")
     (in_tmp / "text.pt").write_text("not a checkpoint")
     cases = {
-        ("--resume", "other.pt"): "holds a ppo-discrete-mlp/1 checkpoint; this script trains ppo-atari-cnn/1",
+        ("--resume", "other.pt"): (
+            "holds a ppo-discrete-mlp/1 checkpoint; this script trains ppo-atari-cnn/1"
+        ),
         ("--eval-checkpoint", "old.pt"): "is not a checkpoint of this project",
         ("--resume", "text.pt"): "not a readable checkpoint",
         (
@@ -570,7 +600,9 @@ def test_checkpoints_of_another_kind_or_game_are_refused(in_tmp, capsys):
             "--env-id",
             "ALE/Pong-v5",
         ): "--env-id is 'ALE/Pong-v5' but the checkpoint",
-        ("--eval-checkpoint", "breakout.pt", "--env-id", "ALE/Pong-v5"): "--env-id is 'ALE/Pong-v5'",
+        ("--eval-checkpoint", "breakout.pt", "--env-id", "ALE/Pong-v5"): (
+            "--env-id is 'ALE/Pong-v5'"
+        ),
     }
     for argv, message in cases.items():
         with pytest.raises(SystemExit) as exit_info:
@@ -583,7 +615,9 @@ def test_checkpoints_of_another_kind_or_game_are_refused(in_tmp, capsys):
 # --- evaluation curve over a run's checkpoints ----------------------------------------------------
 
 
-def test_evaluate_checkpoint_folder_plays_in_step_order_and_writes_table_csv_and_png(tmp_path, capsys):
+def test_evaluate_checkpoint_folder_plays_in_step_order_and_writes_table_csv_and_png(
+    tmp_path, capsys
+):
     # Step order is the checkpoints' own global_step, not the order of the file names.
     steps = {"b.pt": 300, "a.pt": 1000, "c.pt": 20}
     for name in steps:
@@ -682,7 +716,9 @@ def test_evaluate_checkpoint_folder_reports_every_metric_that_play_returns(tmp_p
         ),
     ],
 )
-def test_evaluate_checkpoint_folder_refuses_an_empty_or_mixed_folder(tmp_path, capsys, files, message):
+def test_evaluate_checkpoint_folder_refuses_an_empty_or_mixed_folder(
+    tmp_path, capsys, files, message
+):
     for name in files:
         (tmp_path / name).write_bytes(b"")
 
@@ -703,7 +739,8 @@ def test_folder_of_another_scripts_or_games_checkpoints_is_refused_through_the_c
     folder = in_tmp / "checkpoints"
     folder.mkdir()
     torch.save(
-        {"kind": "ppo-discrete-mlp/1", "env_id": "CartPole-v1", "args": {}}, folder / "x_000000000064.pt"
+        {"kind": "ppo-discrete-mlp/1", "env_id": "CartPole-v1", "args": {}},
+        folder / "x_000000000064.pt",
     )
     pong = asdict(ppo_atari.Args(env_id="ALE/Pong-v5"))
     base = {"kind": "ppo-atari-cnn/1", "run_name": "x", "global_step": 64}
@@ -723,7 +760,9 @@ def test_folder_of_another_scripts_or_games_checkpoints_is_refused_through_the_c
     torch.save({**base, "env_id": "ALE/Pong-v5", "args": pong}, folder / "p_000000000064.pt")
     with pytest.raises(SystemExit) as exit_info:
         ppo_atari.main(
-            ppo_atari.parse_command_line(["--eval-checkpoint", str(folder), "--env-id", "ALE/Breakout-v5"])
+            ppo_atari.parse_command_line(
+                ["--eval-checkpoint", str(folder), "--env-id", "ALE/Breakout-v5"]
+            )
         )
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -733,7 +772,8 @@ def test_folder_of_another_scripts_or_games_checkpoints_is_refused_through_the_c
 def test_three_periodic_checkpoints_then_the_folder_evaluation_draws_the_curve(run_script):
     trained = run_script(
         SCRIPT, "--env-id", "BreakoutNoFrameskip-v4", "--num-envs", "2", "--num-steps", "32",
-        "--total-timesteps", "192", "--checkpoint-freq", "64", "--log-interval", "64", "--eval-episodes", "2",
+        "--total-timesteps", "192", "--checkpoint-freq", "64", "--log-interval", "64",
+        "--eval-episodes", "2",
     )  # fmt: skip
     assert trained.returncode == 0, trained.describe()
     (run_dir,) = trained.run_dirs
@@ -793,7 +833,9 @@ def test_training_returns_reads_the_episodes_a_run_logged(tmp_path):
     assert len(ppo_atari.training_returns(tmp_path / "empty")[1]) == 0
 
 
-def test_training_and_a_recorded_evaluation_copy_device_tensors_to_the_host(tensors_as_if_on_a_gpu, in_tmp):
+def test_training_and_a_recorded_evaluation_copy_device_tensors_to_the_host(
+    tensors_as_if_on_a_gpu, in_tmp
+):
     """On a GPU every tensor that reaches NumPy must go through .cpu(); the guard makes the CPU
     refuse the same conversions, so a forgotten copy fails here rather than on a GPU machine."""
     run_main("--env-id", "ALE/Breakout-v5", *TINY, "--checkpoint-freq", "0", "--torch-threads", "1")

@@ -46,7 +46,9 @@ def torchrun(
     while process.poll() is None:
         if time.monotonic() > deadline:
             process.kill()
-            raise AssertionError(f"torchrun ran past {timeout}s:\n{Path(err.name).read_text()[-3000:]}")
+            raise AssertionError(
+                f"torchrun ran past {timeout}s:\n{Path(err.name).read_text()[-3000:]}"
+            )
         if signal_rank is not None and not sent and signal_rank[2](workdir):
             rank, signum, _ = signal_rank
             os.kill(rank_pid(process.pid, rank), signum)
@@ -130,9 +132,8 @@ def test_a_single_process_run_resumes_on_two_ranks_only_where_their_iterations_f
 
 def test_ctrl_c_on_one_rank_stops_both_with_one_checkpoint(tmp_path):
     started = lambda workdir: any(workdir.glob("runs/*/events.out.tfevents.*"))  # noqa: E731
-    result = torchrun(
-        tmp_path, *GAME, *SHAPE, "--total-timesteps", "200000", signal_rank=(1, signal.SIGINT, started)
-    )
+    ctrl_c = (1, signal.SIGINT, started)
+    result = torchrun(tmp_path, *GAME, *SHAPE, "--total-timesteps", "200000", signal_rank=ctrl_c)
     assert result.returncode != 0  # torchrun reports the ranks' exit status 130
     assert "interrupted at step" in result.stderr, result.stderr[-4000:]
     (checkpoint,) = tmp_path.glob("runs/*/ppo_atari.pt")
@@ -242,7 +243,9 @@ def test_alone_it_is_rank_0_of_1_and_the_collectives_do_nothing(monkeypatch):
 
 
 @pytest.mark.parametrize("world", ["2"])
-def test_torchrun_refuses_rollouts_that_could_leave_a_rank_without_a_minibatch(monkeypatch, capsys, world):
+def test_torchrun_refuses_rollouts_that_could_leave_a_rank_without_a_minibatch(
+    monkeypatch, capsys, world
+):
     monkeypatch.setenv("WORLD_SIZE", world)
     args = ppo_atari.Args(num_envs=1, num_steps=4, num_minibatches=4)
     with pytest.raises(SystemExit) as exit_info:
