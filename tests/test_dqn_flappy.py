@@ -71,7 +71,9 @@ def reference_stacks(num_envs, stack, steps, seed=0):
     """
     envs = gym.vector.SyncVectorEnv(
         [
-            lambda i=i: gym.wrappers.FrameStackObservation(NumberedFrames(i), stack, padding_type="reset")
+            lambda i=i: gym.wrappers.FrameStackObservation(
+                NumberedFrames(i), stack, padding_type="reset"
+            )
             for i in range(num_envs)
         ]
     )
@@ -99,7 +101,9 @@ def reference_stacks(num_envs, stack, steps, seed=0):
 @pytest.mark.parametrize(
     ("num_envs", "stack", "capacity", "steps"), [(3, 4, 1000, 60), (2, 4, 17, 60), (1, 1, 10, 40)]
 )
-def test_buffer_returns_exactly_the_stored_stacks_across_episode_boundaries(num_envs, stack, capacity, steps):
+def test_buffer_returns_exactly_the_stored_stacks_across_episode_boundaries(
+    num_envs, stack, capacity, steps
+):
     rows, transitions = reference_stacks(num_envs, stack, steps)
     frame_shape = rows[0][0].shape[2:] if stack > 1 else rows[0][0].shape[1:]
     buffer = dqn_flappy.ReplayBuffer(capacity, num_envs, frame_shape, np.uint8, stack, seed=3)
@@ -125,7 +129,9 @@ def test_buffer_returns_exactly_the_stored_stacks_across_episode_boundaries(num_
         assert rewards[i] == np.float32(reward) and terminated[i] == term
         seen.add(action)
     assert seen == reachable  # uniform sampling reaches every stored transition and nothing else
-    assert obs.dtype == np.uint8 and buffer.frames.nbytes == capacity * num_envs * int(np.prod(frame_shape))
+    assert obs.dtype == np.uint8 and buffer.frames.nbytes == capacity * num_envs * int(
+        np.prod(frame_shape)
+    )
 
 
 def test_buffer_stores_each_frame_once():
@@ -154,9 +160,15 @@ def test_truncated_transitions_bootstrap_and_terminated_ones_do_not():
     # The buffer keeps `terminated` only: a time-limit truncation reaches td_targets as not
     # terminated, so its target still adds gamma * Q(final observation).
     next_q = torch.tensor([[10.0, 0.0]])
-    truncated_target = dqn_flappy.td_targets(torch.tensor([0.1]), torch.tensor([False]), next_q, None, 0.5)
-    terminated_target = dqn_flappy.td_targets(torch.tensor([0.1]), torch.tensor([True]), next_q, None, 0.5)
-    assert truncated_target.item() == pytest.approx(5.1) and terminated_target.item() == pytest.approx(0.1)
+    truncated_target = dqn_flappy.td_targets(
+        torch.tensor([0.1]), torch.tensor([False]), next_q, None, 0.5
+    )
+    terminated_target = dqn_flappy.td_targets(
+        torch.tensor([0.1]), torch.tensor([True]), next_q, None, 0.5
+    )
+    assert truncated_target.item() == pytest.approx(
+        5.1
+    ) and terminated_target.item() == pytest.approx(0.1)
 
 
 def test_linear_epsilon_schedule():
@@ -194,7 +206,7 @@ def in_tmp(tmp_path, monkeypatch):
 def run_main(*argv) -> int:
     """`python dqn_flappy.py *argv` inside this process; returns the exit status."""
     try:
-        dqn_flappy.main(dqn_flappy.parse_command_line([str(arg) for arg in argv]))
+        dqn_flappy.main(dqn_flappy.parse_args([str(arg) for arg in argv]))
     except SystemExit as exit_:
         return exit_.code
     return 0
@@ -233,12 +245,12 @@ def test_evaluate_plays_one_seeded_episode_per_env_like_envs_played_one_by_one()
     assert returns.tolist() == expected and np.isnan(scores).all()  # CartPole has no score
 
 
-class RecordingRun:
+class RecordingWriter:
     def __init__(self):
         self.logged = []
 
-    def log(self, scalars, step):
-        self.logged.append((step, scalars))
+    def add_scalar(self, key, value, step):
+        self.logged.append((step, key, value))
 
 
 def test_the_best_periodic_evaluation_keeps_its_network(monkeypatch):
@@ -255,39 +267,48 @@ def test_the_best_periodic_evaluation_keeps_its_network(monkeypatch):
         return np.full(episodes, mean), np.full(episodes, mean / 10)
 
     monkeypatch.setattr(dqn_flappy, "evaluate", fake_evaluate)
-    best, run = dqn_flappy.fresh_best(args), RecordingRun()
+    best, writer = dqn_flappy.fresh_best(args), RecordingWriter()
     kept = {}
     for step in (1000, 2000, 3000):
         with torch.no_grad():
             for parameter in q_network.parameters():
                 parameter.fill_(step)
         kept[step] = {name: tensor.clone() for name, tensor in q_network.state_dict().items()}
-        dqn_flappy.keep_if_best(best, q_network, args, step, torch.device("cpu"), run)
+        dqn_flappy.keep_if_best(best, q_network, args, step, torch.device("cpu"), writer)
     assert best["step"] == 2000 and best["mean_return"] == 3.0
     assert all(torch.equal(best["model"][name], tensor) for name, tensor in kept[2000].items())
-    assert run.logged == [
-        (step, {"charts/greedy_return": mean, "charts/greedy_score": mean / 10})
+    assert writer.logged == [
+        logged
         for step, mean in ((1000, 1.0), (2000, 3.0), (3000, 2.0))
+        for logged in (
+            (step, "charts/greedy_return", mean),
+            (step, "charts/greedy_score", mean / 10),
+        )
     ]
     # Fresh episodes each time, never those of the final evaluation (seed + EVAL_SEED_OFFSET + i).
-    final = set(range(args.seed + dqn_flappy.EVAL_SEED_OFFSET, args.seed + dqn_flappy.EVAL_SEED_OFFSET + 10))
+    final = set(
+        range(args.seed + dqn_flappy.EVAL_SEED_OFFSET, args.seed + dqn_flappy.EVAL_SEED_OFFSET + 10)
+    )
     assert len(set(seeds)) == 3 and not final & {seed + i for seed in seeds for i in range(2)}
     dqn_flappy.load_delivered(q_network, best)
-    assert all(torch.equal(q_network.state_dict()[name], tensor) for name, tensor in kept[2000].items())
+    assert all(
+        torch.equal(q_network.state_dict()[name], tensor) for name, tensor in kept[2000].items()
+    )
     # Without periodic evaluations nothing is kept, and the last network is delivered.
     none = dqn_flappy.fresh_best(args)
     args.eval_freq = 0
-    dqn_flappy.keep_if_best(none, q_network, args, 4000, torch.device("cpu"), run)
-    assert none["model"] is None and len(seeds) == 3
+    dqn_flappy.keep_if_best(none, q_network, args, 4000, torch.device("cpu"), writer)
+    assert none["model"] is None and len(seeds) == 3 and len(writer.logged) == 6
 
 
 def test_smoke_run_logs_every_key_and_eval_checkpoint_repeats_its_evaluation(run_script):
     result = run_script(SCRIPT, *TINY)
     assert result.returncode == 0, result.describe()
     for key in (
-        "charts/episodic_return", "charts/episodic_length", "charts/episodic_score", "charts/SPS",
-        "charts/epsilon", "charts/learning_rate", "losses/td_loss", "losses/q_values",
-        "eval/episodic_return", "eval/episodic_score", "charts/greedy_return", "charts/greedy_score",
+        "charts/episodic_return", "charts/episodic_length", "charts/episodic_score",
+        "charts/SPS", "charts/epsilon", "charts/learning_rate", "losses/td_loss",
+        "losses/q_values", "eval/episodic_return", "eval/episodic_score",
+        "charts/greedy_return", "charts/greedy_score",
         "eval/last_network/episodic_return", "eval/last_network/episodic_score",
     ):  # fmt: skip
         assert key in result.scalars, f"{key} not logged"
@@ -298,7 +319,11 @@ def test_smoke_run_logs_every_key_and_eval_checkpoint_repeats_its_evaluation(run
         result.values("charts/episodic_score"), strict=True,
     ):  # fmt: skip
         # The true game return: a step is worth at most +0.1, a pipe +1, and never below -1.
-        assert -1.0 * length - 1e-4 <= ret <= 0.1 * length + 0.9 * score + 1e-4, (ret, length, score)
+        assert -1.0 * length - 1e-4 <= ret <= 0.1 * length + 0.9 * score + 1e-4, (
+            ret,
+            length,
+            score,
+        )
     assert result.steps("losses/td_loss")[0] >= 400  # nothing is learned before learning starts
     assert len(result.values("eval/episodic_score")) == 2
     (checkpoint,) = result.checkpoints()
@@ -359,7 +384,12 @@ def test_same_seed_gives_identical_logged_numbers(in_tmp, monkeypatch):
         assert run_main(*TINY, "--no-save-model", "--seed", seed) == 0
         scalars.append(read_scalars(in_tmp / folder / "runs"))
     first, second, third = scalars
-    for key in ("charts/episodic_return", "losses/td_loss", "losses/q_values", "eval/episodic_return"):
+    for key in (
+        "charts/episodic_return",
+        "losses/td_loss",
+        "losses/q_values",
+        "eval/episodic_return",
+    ):
         assert first[key] == second[key], key
     assert third["charts/episodic_return"] != first["charts/episodic_return"]
 
@@ -383,8 +413,9 @@ def assert_same_state(saved, restored, where="checkpoint"):
 def test_resume_alone_restores_the_state_and_settings_of_the_run(in_tmp, monkeypatch, capsys):
     # Non-default settings throughout, so that falling back to a default would show.
     settings = (
-        *TINY[2:], "--total-timesteps", "2400", "--seed", "9", "--num-envs", "4", "--start-epsilon", "0.5",
-        "--exploration-fraction", "1.0", "--checkpoint-freq", "1200", "--log-interval", "400",
+        *TINY[2:], "--total-timesteps", "2400", "--seed", "9", "--num-envs", "4",
+        "--start-epsilon", "0.5", "--exploration-fraction", "1.0", "--checkpoint-freq", "1200",
+        "--log-interval", "400",
     )  # fmt: skip
     assert run_main(*settings) == 0
     (run_dir,) = (in_tmp / "runs").iterdir()
@@ -425,7 +456,12 @@ def test_resume_alone_restores_the_state_and_settings_of_the_run(in_tmp, monkeyp
 
     # An explicit flag against the checkpoint's settings is refused in one line.
     capsys.readouterr()
-    for flag in (("--num-envs", "8"), ("--seed", "1"), ("--obs-type", "lidar"), ("--gamma", "0.99")):
+    for flag in (
+        ("--num-envs", "8"),
+        ("--seed", "1"),
+        ("--obs-type", "lidar"),
+        ("--gamma", "0.99"),
+    ):
         assert run_main("--resume", copy, *flag) == 2, flag
         lines = capsys.readouterr().err.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith(f"error: {flag[0]} is "), lines
@@ -437,17 +473,26 @@ def test_resume_continues_the_run_and_its_wandb_run(run_script):
     assert first.returncode == 0, first.describe()
     (checkpoint,) = first.checkpoints()
     resumed = run_script(
-        SCRIPT, "--resume", str(checkpoint), "--total-timesteps", "2400", "--track", "--wandb-group", "g"
+        SCRIPT,
+        "--resume",
+        str(checkpoint),
+        "--total-timesteps",
+        "2400",
+        "--track",
+        "--wandb-group",
+        "g",
     )
     assert resumed.returncode == 0, resumed.describe()
     assert resumed.checkpoints() == [checkpoint] and len(resumed.run_dirs) == 1  # same run folder
     assert torch.load(checkpoint, weights_only=True)["global_step"] == 2400
-    assert resumed.steps("charts/SPS") == [1000, 1200, 2000, 2400]  # first run, then resumed
+    assert resumed.steps("charts/SPS") == [1000, 2000]  # every --log-interval, resumed or not
     # The buffer is not in the checkpoint: the resumed run refills --learning-starts steps first.
     resumed_updates = [step for step in resumed.steps("losses/td_loss") if step > 1200]
     assert resumed_updates and min(resumed_updates) >= 1600
     runs = read_wandb_runs(resumed.workdir)
-    assert len(runs) == 2 and runs[0].run_id == runs[1].run_id  # a resumed run continues its W&B run
+    assert (
+        len(runs) == 2 and runs[0].run_id == runs[1].run_id
+    )  # a resumed run continues its W&B run
     assert [run.group for run in runs] == ["dqn_flappy", "g"]  # default: the experiment name
     assert runs[0].config["seed"] == 1 and runs[0].config["env_id"] == "FlappyBird-v0"
     assert runs[0].config["total_timesteps"] == 1200 and runs[1].config["total_timesteps"] == 2400
@@ -456,7 +501,14 @@ def test_resume_continues_the_run_and_its_wandb_run(run_script):
 @pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_a_stop_signal_saves_a_checkpoint_that_resumes_to_the_full_budget(run_script, signum, code):
     # A budget of minutes, interrupted after 2,000 steps: the run cannot finish first.
-    budget = ("--total-timesteps", "500000", "--learning-starts", "500", "--max-episode-steps", "200")
+    budget = (
+        "--total-timesteps",
+        "500000",
+        "--learning-starts",
+        "500",
+        "--max-episode-steps",
+        "200",
+    )
     interrupted = run_script(
         SCRIPT, *budget, "--checkpoint-freq", "2000",
         interrupt_when=has_periodic_checkpoint, interrupt_signals=(signum,),
@@ -467,18 +519,25 @@ def test_a_stop_signal_saves_a_checkpoint_that_resumes_to_the_full_budget(run_sc
     step = torch.load(checkpoint, weights_only=True)["global_step"]
     assert (
         2000 <= step < 500000
-        and f"(continue with --resume {checkpoint.relative_to(interrupted.workdir)})" in (interrupted.stderr)
+        and f"(continue with --resume {checkpoint.relative_to(interrupted.workdir)})"
+        in (interrupted.stderr)
     )
     resumed = run_script(
-        SCRIPT, "--resume", str(checkpoint), "--total-timesteps", str(step + 400), "--eval-episodes", "1"
+        SCRIPT,
+        "--resume",
+        str(checkpoint),
+        "--total-timesteps",
+        str(step + 400),
+        "--eval-episodes",
+        "1",
     )
     assert resumed.returncode == 0, resumed.describe()
     assert torch.load(checkpoint, weights_only=True)["global_step"] == step + 400
 
 
 PIXELS_CARTPOLE = (
-    "--env-id", "CartPole-v1", "--obs-type", "pixels", "--total-timesteps", "100000", "--buffer-size", "400",
-    "--eval-episodes", "1",
+    "--env-id", "CartPole-v1", "--obs-type", "pixels", "--total-timesteps", "100000",
+    "--buffer-size", "400", "--eval-episodes", "1",
 )  # fmt: skip
 
 
@@ -486,8 +545,9 @@ def test_sigterm_while_pygame_renders_saves_and_exits_143(run_script):
     # Rendering CartPole starts SDL, which installs a SIGTERM handler of its own where none is set
     # (the run then ignored SIGTERM and trained on). No updates: only the rendering is timed here.
     result = run_script(
-        SCRIPT, *PIXELS_CARTPOLE, "--num-envs", "2", "--learning-starts", "100000", "--checkpoint-freq", "100",
-        interrupt_when=has_periodic_checkpoint, interrupt_signals=(signal.SIGTERM,), timeout=180,
+        SCRIPT, *PIXELS_CARTPOLE, "--num-envs", "2", "--learning-starts", "100000",
+        "--checkpoint-freq", "100", interrupt_when=has_periodic_checkpoint,
+        interrupt_signals=(signal.SIGTERM,), timeout=180,
     )  # fmt: skip
     assert result.returncode == 143, result.describe()
     assert "SIGTERM: stopping" in result.stderr and "interrupted at step" in result.stderr
@@ -499,19 +559,56 @@ def test_a_second_signal_aborts_without_saving(run_script):
     # Four CNN updates of 256 frames per iteration make an iteration last a second or more, so
     # the second Ctrl-C, 0.2 s after the first, arrives before the iteration ends.
     result = run_script(
-        SCRIPT, *PIXELS_CARTPOLE, "--num-envs", "4", "--batch-size", "256", "--learning-starts", "0",
-        "--train-frequency", "1", "--checkpoint-freq", "8",
-        interrupt_when=has_periodic_checkpoint, interrupt_signals=(signal.SIGINT, signal.SIGINT), timeout=180,
+        SCRIPT, *PIXELS_CARTPOLE, "--num-envs", "4", "--batch-size", "256",
+        "--learning-starts", "0", "--train-frequency", "1", "--checkpoint-freq", "8",
+        interrupt_when=has_periodic_checkpoint, interrupt_signals=(signal.SIGINT, signal.SIGINT),
+        timeout=180,
     )  # fmt: skip
     assert result.returncode not in (0, 130), result.describe()
     assert "KeyboardInterrupt" in result.stderr and "interrupted at step" not in result.stderr
 
 
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_during_the_final_evaluation_ends_it_with_the_signal_status(
+    run_script, signum, code
+):
+    """After training the checkpoint is saved: a signal ends the evaluation and the process, with
+    128 + the signal's number, rather than being noted and ignored."""
+
+    def recording_started(workdir):
+        """The delivered network's evaluation, the recorded one, has made its video folder."""
+        return any(workdir.glob("videos/*/eval"))
+
+    # Thirty episodes recorded from the game's own frames take seconds: the signal lands in them.
+    result = run_script(
+        SCRIPT, *TINY, "--eval-episodes", "30", "--capture-video", "--checkpoint-freq", "0",
+        interrupt_when=recording_started, interrupt_signals=(signum,),
+    )  # fmt: skip
+    assert result.returncode == code, result.describe()
+    name = signal.Signals(signum).name
+    assert f"{name}: the final evaluation was stopped at step 1200" in result.stderr
+    assert "Traceback" not in result.stderr and "done:" not in result.stdout
+    (checkpoint,) = result.checkpoints()
+    assert torch.load(checkpoint, weights_only=True)["global_step"] == 1200
+
+
+def test_a_resumed_run_records_its_evaluation_into_a_folder_of_its_own(run_script):
+    first = run_script(SCRIPT, *TINY, "--capture-video")
+    assert first.returncode == 0, first.describe()
+    (checkpoint,) = first.checkpoints()
+    resumed = run_script(SCRIPT, "--resume", checkpoint, "--total-timesteps", "1600")
+    assert resumed.returncode == 0, resumed.describe()
+    assert "Overwriting" not in resumed.stderr, resumed.stderr
+    videos = resumed.workdir / "videos" / checkpoint.parent.name
+    assert len(list((videos / "eval").glob("*.mp4"))) == 2
+    assert len(list((videos / "eval-step-1600").glob("*.mp4"))) == 2
+
+
 def test_pixels_mode_trains_on_stacked_frames_and_records_video(run_script):
     result = run_script(
         SCRIPT, "--obs-type", "pixels", "--total-timesteps", "300", "--learning-starts", "100",
-        "--buffer-size", "400", "--batch-size", "8", "--eval-episodes", "1", "--max-episode-steps", "100",
-        "--capture-video",
+        "--buffer-size", "400", "--batch-size", "8", "--eval-episodes", "1",
+        "--max-episode-steps", "100", "--log-interval", "100", "--capture-video",
     )  # fmt: skip
     assert result.returncode == 0, result.describe()
     assert result.values("losses/td_loss") and result.values("eval/episodic_score")
@@ -576,7 +673,11 @@ def test_bad_checkpoints_exit_2_with_one_line(in_tmp, capsys):
     torch.save({key: value for key, value in saved.items() if key != "kind"}, in_tmp / "unnamed.pt")
     torch.save({**saved, "kind": "ppo-discrete-mlp/1"}, in_tmp / "other.pt")
     torch.save({**saved, "model": {}}, in_tmp / "empty.pt")
-    cartpole = {**saved, "env_id": "CartPole-v1", "args": {**saved["args"], "env_id": "CartPole-v1"}}
+    cartpole = {
+        **saved,
+        "env_id": "CartPole-v1",
+        "args": {**saved["args"], "env_id": "CartPole-v1"},
+    }
     torch.save(cartpole, in_tmp / "cartpole.pt")
     cases = {
         ("truncated.pt",): "not a readable checkpoint",
@@ -584,10 +685,13 @@ def test_bad_checkpoints_exit_2_with_one_line(in_tmp, capsys):
         ("list.pt",): "not a checkpoint of this project",
         ("unnamed.pt",): "not a checkpoint of this project",
         ("other.pt",): "holds a ppo-discrete-mlp/1 checkpoint; this script trains dqn/3",
-        ("empty.pt", "--no-cuda"): "does not hold a usable network",
-        ("cartpole.pt", "--env-id", "FlappyBird-v0"): "--env-id is 'FlappyBird-v0' but the checkpoint was trained with 'CartPole-v1'",
-        (str(checkpoint), "--obs-type", "lidar"): "--obs-type is 'lidar' but the checkpoint was trained with 'features'",
-        (str(checkpoint), "--hidden-size", "64"): "--hidden-size is 64 but the checkpoint was trained",
+        ("empty.pt", "--no-cuda"): "does not match this network",
+        ("cartpole.pt", "--env-id", "FlappyBird-v0"):
+            "--env-id is 'FlappyBird-v0' but the checkpoint was trained with 'CartPole-v1'",
+        (str(checkpoint), "--obs-type", "lidar"):
+            "--obs-type is 'lidar' but the checkpoint was trained with 'features'",
+        (str(checkpoint), "--hidden-size", "64"):
+            "--hidden-size is 64 but the checkpoint was trained",
     }  # fmt: skip
     capsys.readouterr()
     for flag in ("--resume", "--eval-checkpoint"):
@@ -686,8 +790,8 @@ def test_a_checkpoint_of_the_older_kind_evaluates_but_does_not_resume(in_tmp, ca
 
     assert run_main("--resume", older) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
-        f"error: {older} is a dqn/2 checkpoint, which cannot be resumed: its best network does not "
-        "record the evaluation episodes it was scored on; evaluate it with --eval-checkpoint"
+        f"error: {older} holds a dqn/2 checkpoint, an earlier kind that this version can evaluate "
+        "(--eval-checkpoint) but not resume: its training state is saved differently"
     ]
     assert len(list(in_tmp.glob("runs/*"))) == 1  # the refused resume started no run
 
@@ -710,10 +814,14 @@ def test_default_args_learn_to_pass_pipes(run_script):
     assert np.mean(scores) >= 10, scores
 
 
-def test_training_resume_and_evaluation_copy_device_tensors_to_the_host(tensors_as_if_on_a_gpu, in_tmp):
+def test_training_resume_and_evaluation_copy_device_tensors_to_the_host(
+    tensors_as_if_on_a_gpu, in_tmp
+):
     """On a GPU every tensor that reaches NumPy must go through .cpu(); the guard makes the CPU
     refuse the same conversions, so a forgotten copy fails here rather than on a GPU machine."""
     dqn_flappy.main(dqn_flappy.parse_args([*TINY, "--checkpoint-freq", "0"]))
     (checkpoint,) = (in_tmp / "runs").glob("*/dqn_flappy.pt")
-    dqn_flappy.main(dqn_flappy.parse_args(["--resume", str(checkpoint), "--total-timesteps", "1600"]))
+    dqn_flappy.main(
+        dqn_flappy.parse_args(["--resume", str(checkpoint), "--total-timesteps", "1600"])
+    )
     dqn_flappy.main(dqn_flappy.parse_args(["--eval-checkpoint", str(checkpoint)]))
