@@ -450,10 +450,13 @@ def check_env(env_id: str) -> None:
 # Copied from ppo_cartpole.py: parse_args
 def parse_args(argv: list[str] | None = None) -> Args:
     """The command line as Args. With --resume or --eval-checkpoint, every flag left out takes the
-    checkpoint's setting, so `--resume PATH` alone continues the run that PATH belongs to."""
+    checkpoint's setting, so `--resume PATH` alone continues the run that PATH belongs to (for a
+    folder of checkpoints, the settings of its first)."""
     args = tyro.cli(Args, args=argv)
     path = args.resume or args.eval_checkpoint
-    if path is None or Path(path).is_dir():
+    if path is not None and Path(path).is_dir():
+        path = next(iter(sorted(Path(path).glob(f"*{CHECKPOINT_SUFFIX}"))), None)
+    if path is None:  # (an empty folder is reported by the evaluation of the folder)
         return args
     saved_args = load_checkpoint(path)["args"]
     known = {field.name for field in fields(Args)}
@@ -590,9 +593,11 @@ def eval_summary(returns: np.ndarray) -> str:
     return f"eval return {returns.mean():.2f} ± {returns.std():.2f} over {len(returns)} episodes"
 
 
+# Copied from ppo_cartpole.py: evaluate_checkpoint
 def evaluate_checkpoint(args: Args) -> None:
     """--eval-checkpoint: rebuild the agent from the saved settings and run the greedy policy with
-    the same evaluation seed as the end of training, so the figures are the same."""
+    the same evaluation seed as the end of training, so the figures are the same. Given a folder
+    (runs/<run>/checkpoints), evaluate each checkpoint in it and draw the curve."""
     import functools
 
     # Chosen at the first episode, so that bad input is reported before the device notice.
@@ -606,17 +611,132 @@ def evaluate_checkpoint(args: Args) -> None:
         check_settings(args, checkpoint["args"], set(checkpoint["args"]) - MODEL_SETTINGS)
         return checkpoint
 
-    def play(checkpoint: dict, path: str = "", video: str | None = None) -> dict:
-        agent = Agent(obs_dim, num_actions, args.hidden_size).to(device())
-        restore(checkpoint, path, model=agent)
+    def play(checkpoint: dict | None, path: str = "", video: str | None = None) -> dict:
+        agent = None  # None: the uniformly random policy
+        if checkpoint is not None:
+            agent = Agent(obs_dim, num_actions, args.hidden_size).to(device())
+            restore(checkpoint, path, model=agent)
         eval_seed = args.seed + EVAL_SEED_OFFSET
         return {"return": evaluate(agent, args.env_id, args.eval_episodes, eval_seed, device(),
                                    video_folder=video)}  # fmt: skip
 
+    if Path(args.eval_checkpoint).is_dir():
+        evaluate_checkpoint_folder(
+            args.eval_checkpoint, load, play, CHECKPOINT_SUFFIX, "environment steps"
+        )
+        return
     checkpoint = load(args.eval_checkpoint)
     video = f"videos/{checkpoint['run_name']}/eval-checkpoint" if args.capture_video else None
     returns = play(checkpoint, args.eval_checkpoint, video)["return"]
     print(f"{eval_summary(returns)} ({args.eval_checkpoint})")
+
+
+# Copied from ppo_atari.py: evaluate_checkpoint_folder
+def evaluate_checkpoint_folder(
+    folder: str,
+    load: Callable[[str], dict],
+    play: Callable[[dict | None, str], dict[str, np.ndarray]],
+    suffix: str,
+    x_label: str,
+) -> list[tuple[int, dict[str, np.ndarray]]]:
+    """Evaluate every checkpoint (*`suffix`) in `folder` in step order: print a table, write
+    eval_curve.csv and eval_curve.png into the folder; return [(step, metrics)], the random
+    policy's last with step -1.
+
+    `load(path)` reads one checkpoint (a dict with "global_step" and "env_id") and fails with one
+    line on a file that is not one of the script's or does not match the command line's flags;
+    every checkpoint is loaded once before anything is played. `play(checkpoint, path)` plays the
+    evaluation episodes of a loaded checkpoint, `play(None, "")` those of the uniformly random
+    policy on the same seeds; both return per-episode arrays by metric: "return", then any extra
+    metric the script reports. The table and the CSV give the return's mean, std, min and max,
+    then each extra metric's mean and std; the PNG draws the return against `x_label` (with the
+    run's training returns from its TensorBoard log beside the folder), then one panel per extra
+    metric, each with the random policy's mean as a line.
+    """
+    paths = sorted(str(path) for path in Path(folder).glob(f"*{suffix}"))
+    if not paths:
+        fail(f"{folder} holds no checkpoints (*{suffix}); give a file, or runs/<run>/checkpoints")
+    steps, env_ids = {}, set()
+    # Shown once the check takes a second: a quick refusal stays one line.
+    for path in tqdm(paths, desc="checking checkpoints", unit="checkpoint", delay=1, leave=False):
+        checkpoint = load(path)  # keep only the step and the env, not the weights
+        steps[path], env_ids = int(checkpoint["global_step"]), env_ids | {str(checkpoint["env_id"])}
+    if len(env_ids) > 1:
+        fail(
+            f"{folder} mixes checkpoints of {', '.join(sorted(env_ids))}; evaluate one run's folder"
+        )
+    paths.sort(key=steps.get)
+    results = []
+    # "" stands for the random policy, played last.
+    for path in tqdm([*paths, ""], desc="evaluating checkpoints", unit="checkpoint"):
+        results.append((steps.get(path, -1), play(load(path) if path else None, path)))
+
+    checkpoints, (_, random_policy) = results[:-1], results[-1]
+    extras = [name for name in random_policy if name != "return"]
+    width = {name: max(8, len(name)) for name in extras}
+    header = f"{'step':>12s}  {'mean':>8s} ± {'std':<6s} {'min':>8s} {'max':>8s}"
+    print(header + "".join(f"  {name:>{width[name]}s} ± {'std':<6s}" for name in extras))
+    csv_header = ["step,mean,std,min,max,episodes"]
+    for name in extras:  # column-safe snake case: "tracking RMSE (m)" -> tracking_rmse_m
+        column = "_".join("".join(c if c.isalnum() else " " for c in name.lower()).split())
+        csv_header.append(f"{column}_mean,{column}_std")
+    with open(Path(folder) / "eval_curve.csv", "w") as csv_file:
+        csv_file.write(",".join(csv_header) + "\n")
+        for step, values in [results[-1], *checkpoints]:
+            returns = values["return"]
+            mean, std, low, high = returns.mean(), returns.std(), returns.min(), returns.max()
+            label = "random" if step < 0 else step
+            line = f"{label:>12}  {mean:8.2f} ± {std:<6.2f} {low:8.2f} {high:8.2f}"
+            cells = [step, mean, std, low, high, len(returns)]
+            for name in extras:
+                mean, std = values[name].mean(), values[name].std()
+                line += f"  {mean:>{width[name]}.4g} ± {std:<6.4g}"
+                cells += [mean, std]
+            print(line)
+            csv_file.write(",".join(map(str, cells)) + "\n")
+
+    # Imported here: only this command draws, and a Figure needs no display or pyplot state.
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(7, 4 + 2.5 * len(extras)), layout="constrained")
+    panels = figure.subplots(1 + len(extras), 1, sharex=True, squeeze=False)[:, 0]
+    x = np.array([step for step, _ in checkpoints])
+    for panel, name in zip(panels, ["return", *extras], strict=True):
+        mean = np.array([values[name].mean() for _, values in checkpoints])
+        std = np.array([values[name].std() for _, values in checkpoints])
+        episodes = len(random_policy[name])
+        panel.plot(x, mean, marker="o", label=f"checkpoints (mean of {episodes} episodes)")
+        panel.fill_between(x, mean - std, mean + std, alpha=0.25, label="± std")
+        baseline = random_policy[name].mean()
+        panel.axhline(baseline, color="grey", linestyle="--", label="random policy")
+        panel.set_ylabel("evaluation return" if name == "return" else name)
+    # The folder of kept checkpoints sits in its run's folder, beside the training's own log.
+    train_steps, returns = training_returns(Path(folder).parent)
+    if len(returns):
+        window = min(20, len(returns))
+        smoothed = np.convolve(returns, np.ones(window) / window, mode="valid")
+        label = f"training (mean of {window} episodes)"
+        panels[0].plot(train_steps[window - 1 :], smoothed, linewidth=1, alpha=0.7, label=label)
+    panels[0].set_title(env_ids.pop())
+    panels[0].legend(loc="best")
+    panels[-1].set_xlabel(x_label)
+    figure.savefig(Path(folder) / "eval_curve.png", dpi=100)
+    print(f"wrote {Path(folder) / 'eval_curve.csv'} and {Path(folder) / 'eval_curve.png'}")
+    return results
+
+
+# Copied from ppo_atari.py: training_returns
+def training_returns(run_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(steps, returns) of the training episodes logged under `run_dir`; empty if none."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    events.Reload()
+    if "charts/episodic_return" not in events.Tags()["scalars"]:
+        return np.zeros(0, dtype=np.int64), np.zeros(0)
+    scalars = events.Scalars("charts/episodic_return")
+    steps = np.array([scalar.step for scalar in scalars])
+    return steps, np.array([scalar.value for scalar in scalars])
 
 
 # Copied from ppo_cartpole.py: save_checkpoint

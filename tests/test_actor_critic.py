@@ -630,6 +630,51 @@ def test_a_rollout_of_autoreset_steps_alone_is_skipped(in_tmp_path, capsys):
     assert len(read_scalars(in_tmp_path / "runs")["charts/learning_rate"]) == 200
 
 
+def test_a_folder_of_kept_checkpoints_draws_the_evaluation_curve(in_tmp_path, capsys):
+    """--eval-checkpoint runs/<run>/checkpoints alone (the run's settings: seed 3, 2 episodes):
+    the curve's figures are those of each file, and the random policy's, on the same seeds."""
+    training = ("--seed", "3", "--total-timesteps", "768", "--eval-episodes", "2")
+    actor_critic.main(actor_critic.parse_args([*training, "--checkpoint-freq", "256"]))
+    (folder,) = in_tmp_path.glob("runs/*/checkpoints")
+    kept = sorted(folder.glob("*.pt"))
+    assert len(kept) == 3
+    actor_critic.main(actor_critic.parse_args(["--eval-checkpoint", str(folder)]))
+    rows = (folder / "eval_curve.csv").read_text().splitlines()
+    assert rows[0].startswith("step,mean,std,min,max,episodes")
+    steps = [int(row.split(",")[0]) for row in rows[1:]]
+    assert steps == [-1, 256, 512, 768]  # the random policy first, then the checkpoints in order
+    assert (folder / "eval_curve.png").stat().st_size > 0
+    seed, cpu = 3 + actor_critic.EVAL_SEED_OFFSET, torch.device("cpu")
+    random_returns = actor_critic.evaluate(None, "CartPole-v1", 2, seed, cpu)
+    figures = (
+        random_returns.mean(),
+        random_returns.std(),
+        random_returns.min(),
+        random_returns.max(),
+    )
+    assert rows[1] == ",".join(map(str, [-1, *figures, 2]))
+    capsys.readouterr()
+    for path, row in zip(kept, rows[2:], strict=True):
+        actor_critic.main(actor_critic.parse_args(["--eval-checkpoint", str(path)]))
+        mean, std = map(float, row.split(",")[1:3])
+        expected = f"eval return {mean:.2f} ± {std:.2f} over 2 episodes ({path})"
+        assert capsys.readouterr().out.strip() == expected
+
+    # Bad input: one line and exit 2, before anything is played.
+    (in_tmp_path / "empty").mkdir()
+    other = in_tmp_path / "other"
+    other.mkdir()
+    write_checkpoint(other / "ppo.pt", kind="ppo-discrete-mlp/3")
+    refusals = {
+        "empty": "holds no checkpoints (*.pt)",
+        "other": "holds a ppo-discrete-mlp/3 checkpoint; this script trains a2c-discrete-mlp/3",
+    }
+    for bad, message in refusals.items():
+        code, lines = run_in_process(capsys, "--eval-checkpoint", str(in_tmp_path / bad))
+        assert code == 2 and len(lines) == 1 and message in lines[0], lines
+    assert not list(other.glob("eval_curve.*"))
+
+
 def test_non_finite_loss_stops_with_the_state_saved(run_script):
     result = run_script(
         SCRIPT, *TINY, "--learning-rate", "1e30", "--no-anneal-lr", "--max-grad-norm", "1e30"
