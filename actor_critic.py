@@ -373,9 +373,9 @@ SOLVED_CHECK_SEED_OFFSET = 20_000
 # Copied from ppo_cartpole.py: explained_variance
 def explained_variance(predictions: torch.Tensor, targets: torch.Tensor) -> float:
     """1 - Var(targets - predictions) / Var(targets): 1 is perfect, 0 is no better than a mean."""
-    target_variance = targets.var()
-    if target_variance == 0:
+    if len(targets) < 2 or targets.var() == 0:  # no variance to explain
         return float("nan")
+    target_variance = targets.var()
     return float(1.0 - (targets - predictions).var() / target_variance)
 
 

@@ -36,13 +36,6 @@ from torch.distributions import Categorical
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-# Checkpoints say what they hold by this kind, not by the script's file name, so a renamed copy of
-# this script still loads its own checkpoints.
-CHECKPOINT_KIND = "ppo-discrete-mlp/3"
-# Earlier kinds with the same network: evaluated, but not resumed (their optimiser state differs).
-EVALUATED_KINDS = ("ppo-discrete-mlp/2",)
-CHECKPOINT_SUFFIX = ".pt"
-
 
 @dataclass
 class Args:
@@ -386,10 +379,8 @@ def main(args: Args) -> None:
         ):
             break
 
-        # Stop once solved, as judged by the greedy policy on fresh episodes (never those of the
-        # final evaluation): the training return lags behind it, since sampled actions keep
-        # exploring. Every episode must reach the threshold, not only their mean, so that the
-        # final evaluation on other episodes passes too.
+        # Stop once solved, as judged by the greedy policy on fresh episodes: the training return
+        # of sampled, exploring actions lags behind it. Every episode must reach the threshold.
         check_solved = crossed(args.solved_check_freq, global_step, previous_step)
         if solved_return is not None and check_solved:
             check_seed = args.seed + SOLVED_CHECK_SEED_OFFSET + global_step
@@ -419,6 +410,14 @@ def main(args: Args) -> None:
 # A first reading can stop here: nothing below changes what the algorithm computes.
 # ----------------------------------------------------------------------------------------------
 
+# Checkpoints say what they hold by this kind, not by the script's file name, so a renamed copy of
+# this script still loads its own checkpoints.
+CHECKPOINT_KIND = "ppo-discrete-mlp/3"
+# Earlier kinds with the same network: evaluated, but not resumed (their optimiser state differs).
+EVALUATED_KINDS = ("ppo-discrete-mlp/2",)
+CHECKPOINT_SUFFIX = ".pt"
+
+
 EVAL_SEED_OFFSET = 10_000  # evaluation envs get seed + this: episodes that training never saw
 # The checks of --stop-when-solved play seed + this + the step: never the final evaluation's.
 SOLVED_CHECK_SEED_OFFSET = 20_000
@@ -426,9 +425,9 @@ SOLVED_CHECK_SEED_OFFSET = 20_000
 
 def explained_variance(predictions: torch.Tensor, targets: torch.Tensor) -> float:
     """1 - Var(targets - predictions) / Var(targets): 1 is perfect, 0 is no better than a mean."""
-    target_variance = targets.var()
-    if target_variance == 0:
+    if len(targets) < 2 or targets.var() == 0:  # no variance to explain
         return float("nan")
+    target_variance = targets.var()
     return float(1.0 - (targets - predictions).var() / target_variance)
 
 
