@@ -8,11 +8,11 @@ Run:
     python dqn_flappy.py                                             # train, evaluate, save
     python dqn_flappy.py --resume runs/<run>/dqn_flappy.pt           # continue a stopped run
     python dqn_flappy.py --eval-checkpoint runs/<run>/dqn_flappy.pt --capture-video
+    python dqn_flappy.py --eval-checkpoint runs/<run>/checkpoints      # the evaluation curve
     python dqn_flappy.py --obs-type pixels --total-timesteps 2000000 --batch-size 32 \
         --learning-rate 1e-4 --target-network-frequency 1000 --train-frequency 4
 
-Expect (features, defaults): 10 or more pipes per greedy episode after 250k steps and a minute or
-two on a CPU; README.md has the measured results over several seeds.
+Expect (defaults): 10+ pipes per greedy episode after 250k steps, a minute or two; see README.md.
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ class Args:
     resume: str | None = None
     """path of a checkpoint to continue training from (the replay buffer refills first)"""
     eval_checkpoint: str | None = None
-    """path of a checkpoint to evaluate for --eval-episodes episodes, then exit"""
+    """a checkpoint to evaluate, or a folder of them to draw the evaluation curve of; then exit"""
     eval_episodes: int = 10
     """episodes of the final evaluation, of --eval-checkpoint and of each periodic evaluation"""
     # DQN's greedy score swings from one stretch of training to the next on this game, so the run
@@ -441,7 +441,7 @@ def main(args: Args) -> None:
         one beside it, so that what keeping the best bought is in plain view."""
         episodes, eval_seed = args.eval_episodes, args.seed + EVAL_SEED_OFFSET
         last_returns, last_scores = evaluate(q_network, args, episodes, eval_seed, device)
-        delivered = load_delivered(q_network, best)
+        load_delivered(q_network, best)
         returns, scores = evaluate(q_network, args, episodes, eval_seed, device, video_folder)
         per_episode = {
             "eval/episodic_return": returns,
@@ -450,7 +450,8 @@ def main(args: Args) -> None:
             "eval/last_network/episodic_score": last_scores,
         }
         last = describe_eval(last_returns, last_scores)
-        return per_episode, f"{delivered}: {describe_eval(returns, scores)}; last network: {last}"
+        delivered = f"{delivered_network(best)}: {describe_eval(returns, scores)}"
+        return per_episode, f"{delivered}; last network: {last}"
 
     # Save, evaluate, summarise; after Ctrl-C or SIGTERM, exit 130 or 143 instead.
     run.finish(training_state(), global_step, final_evaluation)
@@ -646,7 +647,7 @@ def build_q_network(args: Args, device: torch.device) -> QNetwork:
 
 @torch.inference_mode()
 def evaluate(
-    q_network: QNetwork,
+    q_network: QNetwork | None,
     args: Args,
     episodes: int,
     seed: int,
@@ -656,6 +657,7 @@ def evaluate(
     """Play one greedy episode in each of `episodes` envs at once (env i seeded seed + i); return
     their returns and scores. One batched forward pass per step keeps the periodic evaluations
     cheap. The score is the game's own count of pipes passed (`info["score"]`), NaN without one.
+    `q_network=None` plays uniformly random actions (seeded by `seed`).
     """
 
     def make_evaluation_env(index: int) -> Callable[[], gym.Env]:
@@ -683,8 +685,12 @@ def evaluate(
     obs, _ = envs.reset(seed=seed)
     returns, scores = np.zeros(episodes), np.full(episodes, np.nan)
     playing = np.ones(episodes, dtype=bool)
+    random_actions = np.random.default_rng(seed)
     while playing.any():
-        actions = q_network(torch.as_tensor(obs, device=device)).argmax(dim=1).cpu().numpy()
+        if q_network is None:
+            actions = random_actions.integers(envs.single_action_space.n, size=episodes)
+        else:
+            actions = q_network(torch.as_tensor(obs, device=device)).argmax(dim=1).cpu().numpy()
         obs, rewards, terminated, truncated, infos = envs.step(actions)
         returns += rewards * playing  # an env whose episode has ended plays on, uncounted
         ended = playing & (terminated | truncated)
@@ -745,13 +751,15 @@ def resumed_best(checkpoint: dict, args: Args) -> dict:
     return saved_best
 
 
-def load_delivered(q_network: QNetwork, best: dict) -> str:
-    """Load the network the run delivers into `q_network`, the best of the periodic evaluations if
-    there were any, and say which it is."""
-    if best["model"] is None:
-        return "last network"
-    q_network.load_state_dict(best["model"])
-    return f"best network (step {best['step']})"
+def load_delivered(q_network: QNetwork, best: dict) -> None:
+    """The network the run delivers: the best of the periodic evaluations, if there were any."""
+    if best["model"] is not None:
+        q_network.load_state_dict(best["model"])
+
+
+def delivered_network(best: dict) -> str:
+    """Which network load_delivered loads, in words."""
+    return "last network" if best["model"] is None else f"best network (step {best['step']})"
 
 
 # Copied from ppo_cartpole.py: eval_summary
@@ -759,26 +767,156 @@ def eval_summary(returns: np.ndarray) -> str:
     return f"eval return {returns.mean():.2f} ± {returns.std():.2f} over {len(returns)} episodes"
 
 
-def describe_eval(returns: np.ndarray, scores: np.ndarray) -> str:
-    """eval_summary, plus the pipes passed where the game counts them."""
-    pipes = f", pipes {scores.mean():.1f} ± {scores.std():.1f}"
-    return eval_summary(returns) + ("" if np.isnan(scores).any() else pipes)
+def describe_eval(returns: np.ndarray, pipes: np.ndarray | None) -> str:
+    """eval_summary, plus the pipes passed where the game counts them (not NaN)."""
+    if pipes is None or np.isnan(pipes).any():
+        return eval_summary(returns)
+    return f"{eval_summary(returns)}, pipes {pipes.mean():.1f} ± {pipes.std():.1f}"
 
 
 def evaluate_checkpoint(args: Args) -> None:
-    """--eval-checkpoint: rebuild the network from the saved args and run the greedy policy of the
-    network the run delivers with the seed of the end-of-training evaluation, so that both print
-    the same figures."""
-    checkpoint = load_checkpoint(args.eval_checkpoint)
-    check_settings(args, checkpoint["args"], set(checkpoint["args"]) - MODEL_SETTINGS)
-    device = pick_device(args.cuda, args.torch_threads)
-    q_network = build_q_network(args, device)
-    restore(checkpoint, args.eval_checkpoint, model=q_network)
-    delivered = load_delivered(q_network, checkpoint["best"])
+    """--eval-checkpoint: rebuild the network the run delivers from the saved settings and play it
+    greedily with the seed of the end-of-training evaluation, so that both print the same figures.
+    Given a folder (runs/<run>/checkpoints), evaluate each checkpoint in it and draw the curve."""
+    import functools
+
+    # Chosen at the first episode, so that bad input is reported before the device notice.
+    device = functools.cache(lambda: pick_device(args.cuda, args.torch_threads))
+
+    def load(path: str) -> dict:
+        checkpoint = load_checkpoint(path)
+        check_settings(args, checkpoint["args"], set(checkpoint["args"]) - MODEL_SETTINGS)
+        return checkpoint
+
+    def play(checkpoint: dict | None, path: str = "", video: str | None = None) -> dict:
+        q_network = None  # None: the uniformly random policy
+        if checkpoint is not None:
+            q_network = build_q_network(args, device())
+            restore(checkpoint, path, model=q_network)
+            load_delivered(q_network, checkpoint["best"])
+        eval_seed = args.seed + EVAL_SEED_OFFSET
+        returns, pipes = evaluate(q_network, args, args.eval_episodes, eval_seed, device(), video)
+        # The pipes passed, where the game counts them: the folder's curve gives them a panel.
+        return {"return": returns} | ({} if np.isnan(pipes).any() else {"pipes": pipes})
+
+    if Path(args.eval_checkpoint).is_dir():
+        evaluate_checkpoint_folder(
+            args.eval_checkpoint, load, play, CHECKPOINT_SUFFIX, "environment steps"
+        )
+        return
+    checkpoint = load(args.eval_checkpoint)
     video = f"videos/{checkpoint['run_name']}/eval-checkpoint" if args.capture_video else None
-    eval_seed = args.seed + EVAL_SEED_OFFSET
-    returns, scores = evaluate(q_network, args, args.eval_episodes, eval_seed, device, video)
-    print(f"{delivered}: {describe_eval(returns, scores)}; checkpoint {args.eval_checkpoint}")
+    metrics = play(checkpoint, args.eval_checkpoint, video)
+    summary = describe_eval(metrics["return"], metrics.get("pipes"))
+    print(f"{delivered_network(checkpoint['best'])}: {summary}; checkpoint {args.eval_checkpoint}")
+
+
+# Copied from ppo_atari.py: evaluate_checkpoint_folder
+def evaluate_checkpoint_folder(
+    folder: str,
+    load: Callable[[str], dict],
+    play: Callable[[dict | None, str], dict[str, np.ndarray]],
+    suffix: str,
+    x_label: str,
+) -> list[tuple[int, dict[str, np.ndarray]]]:
+    """Evaluate every checkpoint (*`suffix`) in `folder` in step order: print a table, write
+    eval_curve.csv and eval_curve.png into the folder; return [(step, metrics)], the random
+    policy's last with step -1.
+
+    `load(path)` reads one checkpoint (a dict with "global_step" and "env_id") and fails with one
+    line on a file that is not one of the script's or does not match the command line's flags;
+    every checkpoint is loaded once before anything is played. `play(checkpoint, path)` plays the
+    evaluation episodes of a loaded checkpoint, `play(None, "")` those of the uniformly random
+    policy on the same seeds; both return per-episode arrays by metric: "return", then any extra
+    metric the script reports. The table and the CSV give the return's mean, std, min and max,
+    then each extra metric's mean and std; the PNG draws the return against `x_label` (with the
+    run's training returns from its TensorBoard log beside the folder), then one panel per extra
+    metric, each with the random policy's mean as a line.
+    """
+    paths = sorted(str(path) for path in Path(folder).glob(f"*{suffix}"))
+    if not paths:
+        fail(f"{folder} holds no checkpoints (*{suffix}); give a file, or runs/<run>/checkpoints")
+    steps, env_ids = {}, set()
+    # Shown once the check takes a second: a quick refusal stays one line.
+    for path in tqdm(paths, desc="checking checkpoints", unit="checkpoint", delay=1, leave=False):
+        checkpoint = load(path)  # keep only the step and the env, not the weights
+        steps[path], env_ids = int(checkpoint["global_step"]), env_ids | {str(checkpoint["env_id"])}
+    if len(env_ids) > 1:
+        fail(
+            f"{folder} mixes checkpoints of {', '.join(sorted(env_ids))}; evaluate one run's folder"
+        )
+    paths.sort(key=steps.get)
+    results = []
+    # "" stands for the random policy, played last.
+    for path in tqdm([*paths, ""], desc="evaluating checkpoints", unit="checkpoint"):
+        results.append((steps.get(path, -1), play(load(path) if path else None, path)))
+
+    checkpoints, (_, random_policy) = results[:-1], results[-1]
+    extras = [name for name in random_policy if name != "return"]
+    width = {name: max(8, len(name)) for name in extras}
+    header = f"{'step':>12s}  {'mean':>8s} ± {'std':<6s} {'min':>8s} {'max':>8s}"
+    print(header + "".join(f"  {name:>{width[name]}s} ± {'std':<6s}" for name in extras))
+    csv_header = ["step,mean,std,min,max,episodes"]
+    for name in extras:  # column-safe snake case: "tracking RMSE (m)" -> tracking_rmse_m
+        column = "_".join("".join(c if c.isalnum() else " " for c in name.lower()).split())
+        csv_header.append(f"{column}_mean,{column}_std")
+    with open(Path(folder) / "eval_curve.csv", "w") as csv_file:
+        csv_file.write(",".join(csv_header) + "\n")
+        for step, values in [results[-1], *checkpoints]:
+            returns = values["return"]
+            mean, std, low, high = returns.mean(), returns.std(), returns.min(), returns.max()
+            label = "random" if step < 0 else step
+            line = f"{label:>12}  {mean:8.2f} ± {std:<6.2f} {low:8.2f} {high:8.2f}"
+            cells = [step, mean, std, low, high, len(returns)]
+            for name in extras:
+                mean, std = values[name].mean(), values[name].std()
+                line += f"  {mean:>{width[name]}.4g} ± {std:<6.4g}"
+                cells += [mean, std]
+            print(line)
+            csv_file.write(",".join(map(str, cells)) + "\n")
+
+    # Imported here: only this command draws, and a Figure needs no display or pyplot state.
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(7, 4 + 2.5 * len(extras)), layout="constrained")
+    panels = figure.subplots(1 + len(extras), 1, sharex=True, squeeze=False)[:, 0]
+    x = np.array([step for step, _ in checkpoints])
+    for panel, name in zip(panels, ["return", *extras], strict=True):
+        mean = np.array([values[name].mean() for _, values in checkpoints])
+        std = np.array([values[name].std() for _, values in checkpoints])
+        episodes = len(random_policy[name])
+        panel.plot(x, mean, marker="o", label=f"checkpoints (mean of {episodes} episodes)")
+        panel.fill_between(x, mean - std, mean + std, alpha=0.25, label="± std")
+        baseline = random_policy[name].mean()
+        panel.axhline(baseline, color="grey", linestyle="--", label="random policy")
+        panel.set_ylabel("evaluation return" if name == "return" else name)
+    # The folder of kept checkpoints sits in its run's folder, beside the training's own log.
+    train_steps, returns = training_returns(Path(folder).parent)
+    if len(returns):
+        window = min(20, len(returns))
+        smoothed = np.convolve(returns, np.ones(window) / window, mode="valid")
+        label = f"training (mean of {window} episodes)"
+        panels[0].plot(train_steps[window - 1 :], smoothed, linewidth=1, alpha=0.7, label=label)
+    panels[0].set_title(env_ids.pop())
+    panels[0].legend(loc="best")
+    panels[-1].set_xlabel(x_label)
+    figure.savefig(Path(folder) / "eval_curve.png", dpi=100)
+    print(f"wrote {Path(folder) / 'eval_curve.csv'} and {Path(folder) / 'eval_curve.png'}")
+    return results
+
+
+# Copied from ppo_atari.py: training_returns
+def training_returns(run_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(steps, returns) of the training episodes logged under `run_dir`; empty if none."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    events.Reload()
+    if "charts/episodic_return" not in events.Tags()["scalars"]:
+        return np.zeros(0, dtype=np.int64), np.zeros(0)
+    scalars = events.Scalars("charts/episodic_return")
+    steps = np.array([scalar.step for scalar in scalars])
+    return steps, np.array([scalar.value for scalar in scalars])
 
 
 # Copied from ppo_cartpole.py: save_checkpoint

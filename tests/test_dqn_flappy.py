@@ -376,6 +376,47 @@ def test_eval_checkpoint_uses_the_seed_of_the_final_evaluation(in_tmp, capsys):
     assert dqn_flappy.describe_eval(returns, scores) != final
 
 
+def test_a_folder_of_kept_checkpoints_evaluates_into_a_curve(in_tmp, capsys):
+    """--eval-checkpoint FOLDER: every kept checkpoint in step order, each with the figures that
+    --eval-checkpoint gives it alone (returns and pipes), and the random policy on the same
+    episodes."""
+    assert run_main(*TINY, "--checkpoint-freq", "400") == 0
+    (folder,) = in_tmp.glob("runs/*/checkpoints")
+    kept = sorted(folder.glob("*.pt"))
+    assert len(kept) == 3
+    alone = []
+    for path in kept:
+        capsys.readouterr()
+        assert run_main("--eval-checkpoint", path) == 0
+        alone.append(final_eval(capsys.readouterr().out.strip().splitlines()[-1]))
+    assert run_main("--eval-checkpoint", folder) == 0
+    rows = [line.split(",") for line in (folder / "eval_curve.csv").read_text().splitlines()]
+    assert rows[0] == ["step", "mean", "std", "min", "max", "episodes", "pipes_mean", "pipes_std"]
+    assert [row[0] for row in rows[1:]] == ["-1", "400", "800", "1200"]
+    for row, figures in zip(rows[2:], alone, strict=True):
+        mean, std, _, _, episodes, pipes, pipes_std = row[1:]
+        assert figures == (
+            f"eval return {float(mean):.2f} ± {float(std):.2f} over {episodes} episodes, "
+            f"pipes {float(pipes):.1f} ± {float(pipes_std):.1f}"
+        )
+    assert (folder / "eval_curve.png").stat().st_size > 0
+    # The random policy plays the same episodes, with random actions: not one fixed action.
+    args, cpu = dqn_flappy.Args(env_id="CartPole-v1", max_episode_steps=500), torch.device("cpu")
+    random_returns, _ = dqn_flappy.evaluate(None, args, 20, 3, cpu)
+    one_action, _ = dqn_flappy.evaluate(dqn_flappy.QNetwork((4,), 2, 8), args, 20, 3, cpu)
+    assert random_returns.std() > 0 and not np.array_equal(random_returns, one_action)
+
+    # Bad input: an empty folder, and a folder of another script's checkpoints.
+    (in_tmp / "empty").mkdir()
+    (in_tmp / "other").mkdir()
+    torch.save({"kind": "ppo-discrete-mlp/3", "args": {}}, in_tmp / "other" / "x.pt")
+    capsys.readouterr()
+    for name, message in (("empty", "holds no checkpoints"), ("other", "holds a ppo-discrete")):
+        assert run_main("--eval-checkpoint", in_tmp / name) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and message in lines[0], lines
+
+
 def test_same_seed_gives_identical_logged_numbers(in_tmp, monkeypatch):
     scalars = []
     for folder, seed in (("a", "1"), ("b", "1"), ("c", "2")):
