@@ -12,7 +12,7 @@ Run:
     python dqn_flappy.py --obs-type pixels --total-timesteps 2000000 --batch-size 32 \
         --learning-rate 1e-4 --target-network-frequency 1000 --train-frequency 4
 
-Expect (defaults): 10+ pipes per greedy episode after 250k steps, a minute or two; see README.md.
+Expect (defaults): 10+ pipes per greedy episode after 250k steps, 1-2 min on a CPU; see README.md.
 """
 
 from __future__ import annotations
@@ -142,6 +142,11 @@ class Args:
     @property
     def stack(self) -> int:
         return self.frame_stack if self.obs_type == "pixels" else 1
+
+
+def env_kwargs(args: Args) -> dict:
+    """FlappyBird chooses between its state vector and its lidar scan at construction."""
+    return {"use_lidar": args.obs_type == "lidar"} if args.env_id.startswith("FlappyBird") else {}
 
 
 class PixelObservation(gym.ObservationWrapper):
@@ -525,11 +530,6 @@ def validate(args: Args) -> None:
     if args.resume and args.eval_checkpoint:
         fail("give either --resume or --eval-checkpoint, not both")
     check_env(args)
-
-
-def env_kwargs(args: Args) -> dict:
-    """FlappyBird chooses between its state vector and its lidar scan at construction."""
-    return {"use_lidar": args.obs_type == "lidar"} if args.env_id.startswith("FlappyBird") else {}
 
 
 def check_env(args: Args) -> None:

@@ -814,7 +814,7 @@ def test_resume_keeps_the_best_only_when_scored_on_the_same_episodes(in_tmp, mon
     assert best["step"] == 1600 and best["scored_on"]["episodes"] == 3
 
 
-def test_a_checkpoint_of_the_older_kind_evaluates_but_does_not_resume(in_tmp, capsys):
+def test_a_checkpoint_of_the_previous_kind_evaluates_but_does_not_resume(in_tmp, capsys):
     assert run_main(*TINY) == 0
     final = final_eval(capsys.readouterr().out.strip().splitlines()[-1])
     (checkpoint,) = in_tmp.glob("runs/*/dqn_flappy.pt")
