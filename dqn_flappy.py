@@ -39,13 +39,6 @@ import tyro
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-# Checkpoints say what they hold by this kind, not by the script's file name, so a renamed copy of
-# this script still loads its own checkpoints.
-CHECKPOINT_KIND = "dqn/3"
-# Earlier kinds with the same networks: evaluated, not resumed (their best lacks its "scored_on").
-EVALUATED_KINDS = ("dqn/2",)
-CHECKPOINT_SUFFIX = ".pt"
-
 
 @dataclass
 class Args:
@@ -466,6 +459,14 @@ def main(args: Args) -> None:
 # Plumbing: validation, evaluation of a checkpoint, checkpoint files, logging and stop signals.
 # A first reading can stop here: nothing below changes what the algorithm computes.
 # ----------------------------------------------------------------------------------------------
+
+# Checkpoints say what they hold by this kind, not by the script's file name, so a renamed copy of
+# this script still loads its own checkpoints.
+CHECKPOINT_KIND = "dqn/3"
+# Earlier kinds with the same networks: evaluated, not resumed (their best lacks its "scored_on").
+EVALUATED_KINDS = ("dqn/2",)
+CHECKPOINT_SUFFIX = ".pt"
+
 
 # Copied from ppo_cartpole.py: EVAL_SEED_OFFSET
 EVAL_SEED_OFFSET = 10_000  # evaluation envs get seed + this: episodes that training never saw
