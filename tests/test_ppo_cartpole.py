@@ -545,13 +545,13 @@ def test_a_signal_during_the_final_evaluation_ends_it_with_the_signal_status(
     """After training the checkpoint is saved: a signal ends the evaluation and the process, with
     128 + the signal's number, rather than being noted and ignored."""
 
-    def training_ended(workdir):
-        return any(workdir.glob("runs/*/ppo_cartpole.pt"))
+    def evaluation_started(workdir):  # its first video is written: the evaluation is under way
+        return any(workdir.glob("videos/*/eval/*.mp4"))
 
     # Thirty recorded episodes take seconds: the signal lands while they play.
     result = run_script(
         SCRIPT, *TINY[:-2], "--eval-episodes", "30", "--capture-video", "--checkpoint-freq", "0",
-        interrupt_when=training_ended, interrupt_signals=(signum,),
+        interrupt_when=evaluation_started, interrupt_signals=(signum,),
     )  # fmt: skip
     assert result.returncode == code, result.describe()
     name = signal.Signals(signum).name
