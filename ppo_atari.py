@@ -1,37 +1,18 @@
 """Proximal Policy Optimisation (clipped surrogate, GAE) on Atari from pixels.
 
-Trains the Nature-CNN PPO agent of the Atari literature on any ale-py game (ALE/Pong-v5 by
-default), stepping the games with ale-py's native multi-threaded vector environment, which does
-the DeepMind preprocessing in C++: 84x84 grayscale, frame skip 4 with max-pooling over the last two
-frames, a stack of the last 4 frames, up to 30 no-op starts and FIRE on reset. The loss of a life
-ends an episode for learning (not for the logged returns), rewards are clipped to their sign for
-learning, and the logged returns are the true game scores. Observations stay uint8 until the
-network, which scales them to [0, 1] itself.
+The Nature-CNN PPO agent of the Atari literature, for any ale-py game (ALE/Pong-v5 by default),
+stepped by ale-py's native vector env with the DeepMind preprocessing in C++. It learns from
+clipped rewards and lost lives, logs the true game scores, and trains on several processes when
+torchrun launches it (README.md).
 
 Run:
-    python ppo_atari.py --env-id ALE/Pong-v5 --track   # train, evaluate, save a checkpoint
-    python ppo_atari.py --env-id BreakoutNoFrameskip-v4   # the older id style: no sticky actions
-    python ppo_atari.py --resume runs/<run>/ppo_atari.pt   # continue an interrupted run
+    python ppo_atari.py --env-id ALE/Pong-v5 --track               # train, evaluate, save
+    python ppo_atari.py --resume runs/<run>/ppo_atari.pt           # continue a stopped run
     python ppo_atari.py --eval-checkpoint runs/<run>/ppo_atari.pt --capture-video
-    python ppo_atari.py --eval-checkpoint runs/<run>/checkpoints   # curve over the kept checkpoints
-    tensorboard --logdir runs
+    python ppo_atari.py --eval-checkpoint runs/<run>/checkpoints   # the evaluation curve
 
-Expect (measured: `python ppo_atari.py --env-id ALE/Pong-v5 --total-timesteps 1000000
---checkpoint-freq 100000`, defaults otherwise, seed 1, quiet 2-core AMD EPYC CPU with AVX512-BF16):
-999,424 agent steps in 34 min of training (489 agent steps/s; 2,064 s with the final evaluation).
-Pong stays at random play (training-episode mean -20.3) for 300k agent steps, then climbs: -19.4
-over 300-400k, -17.3 over 400-500k, -16.1 over 500-600k, -13.6 over 700-800k, -12.3 over 900k-1M.
-The kept checkpoints evaluate (10 games each, `--eval-checkpoint runs/<run>/checkpoints`) from
--20.6 at 100k to -13.2 at 900k and -13.9 +- 2.3 at the end, against -20.1 for the random policy;
-from 800k on every evaluation game beats -20. At that rate the default 10M agent steps (40M
-frames) take about 6 hours on 2 cores, not days; CleanRL reports about +20 with these
-hyper-parameters at that budget. bf16 (on by default where the CPU has it) makes the network's
-minibatch step 1.5-1.6x faster with one thread and 1.1-1.35x with two on this CPU
-(benchmarks/bench_ppo_atari_bf16.py). On RoadRunnerNoFrameskip-v4 the defaults score 630 +- 548
-after 20,480 agent steps (~3 minutes), where the random policy scores 0 on the same evaluation
-games (the learning test). The final evaluation plays --eval-episodes (10) full games, sampling
-the policy; --eval-greedy takes the most probable action. --capture-video records the first
-evaluation game as the network sees it.
+Expect: Pong from random play (-20) to about -14 after 1M agent steps, about 35 minutes on a
+2-core CPU; README.md has the curve and the measured figures.
 """
 
 from __future__ import annotations
@@ -39,8 +20,6 @@ from __future__ import annotations
 import datetime
 import difflib
 import functools
-import gc
-import hashlib
 import os
 import random
 import re
@@ -65,14 +44,8 @@ from torch.distributions import Categorical
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-# Checkpoints are identified by this kind, not by the file name: a renamed copy of this script
-# still loads its own checkpoints.
-CHECKPOINT_KIND = "ppo-atari-cnn/1"
 # Importing ale_py registers its ids with gymnasium; this call only makes that dependency explicit.
 gym.register_envs(ale_py)
-# The two id styles this script accepts: the ALE v5 ids (sticky actions on) and the classic
-# NoFrameskip-v4 ids of the DQN/PPO papers (sticky actions off).
-ATARI_ID = re.compile(r"^(ALE/(?P<v5>[A-Za-z]+)-v5|(?P<v4>[A-Za-z]+)NoFrameskip-v4)$")
 # 108,000 frames = 30 minutes of play, the standard cap of an Atari episode (a truncation).
 MAX_EPISODE_FRAMES = 108_000
 
@@ -88,9 +61,7 @@ class Args:
     cuda: bool = True
     """use a GPU when one is present"""
     # The game threads and the network take turns (the network waits for the frames it acts on),
-    # so torch may use every core: on a quiet 2-core CPU two threads ran ~1.5x faster than one.
-    # On a CPU crowded by other jobs the threads wait for each other (measured 2-3x slower than
-    # one thread at a load of 5 on 2 cores): give --torch-threads 1 there.
+    # so torch may use every core; on a CPU crowded by other jobs its threads wait for each other.
     torch_threads: int = torch.get_num_threads()
     """CPU threads for torch (default: torch's own; 1 is faster on a CPU crowded by other jobs)"""
     bf16: bool = True
@@ -104,20 +75,19 @@ class Args:
     wandb_group: str | None = None
     """W&B group, so the seeds of one experiment plot together (default: --exp-name)"""
     capture_video: bool = False
-    """record the evaluation episodes as mp4 under videos/<run_name>/"""
+    """record the first evaluation game as mp4 under videos/<run_name>/, as the network sees it"""
     save_model: bool = True
-    """save runs/<run_name>/<exp_name>.pt (at the end, periodically, on Ctrl-C/SIGTERM)"""
+    """save the checkpoint runs/<run_name>/<exp_name>.pt (at the end, periodically, on a signal)"""
     checkpoint_freq: int = 500_000
-    """also save a checkpoint every this many agent steps, each kept in
-    runs/<run_name>/checkpoints/ with the trained agent at the end (0: none of them)"""
+    """also checkpoint every this many agent steps, each kept in runs/<run>/checkpoints/ (0: off)"""
     log_interval: int = 1024
     """write the loss statistics every this many agent steps (0: never)"""
     resume: str | None = None
-    """path of a checkpoint to continue training from, with its settings"""
+    """path of a checkpoint to continue training from (with the checkpoint's settings)"""
     eval_checkpoint: str | None = None
-    """path of a checkpoint to evaluate for --eval-episodes episodes, then exit"""
+    """a checkpoint to evaluate, or a folder of them to draw the evaluation curve of; then exit"""
     eval_episodes: int = 10
-    """episodes of the final evaluation (and of --eval-checkpoint), played in parallel"""
+    """games of the final evaluation and of --eval-checkpoint, played in parallel"""
     env_id: str = "ALE/Pong-v5"
     """an Atari game: ALE/<Game>-v5 (sticky actions) or <Game>NoFrameskip-v4 (none)"""
     total_timesteps: int = 10_000_000
@@ -138,7 +108,7 @@ class Args:
     learning_rate: float = 2.5e-4
     """Adam learning rate (annealed linearly to 0 with --anneal-lr)"""
     num_envs: int = 8
-    """number of games played in parallel"""
+    """number of games played in parallel (by each process under torchrun)"""
     num_steps: int = 128
     """steps per environment in each rollout"""
     anneal_lr: bool = True
@@ -169,56 +139,6 @@ class Args:
     @property
     def batch_size(self) -> int:
         return self.num_envs * self.num_steps
-
-
-def atari_game(env_id: str) -> tuple[str, float]:
-    """The ROM name and the default sticky-action probability of an Atari id; fail otherwise."""
-    match = ATARI_ID.match(env_id)
-    if match and env_id in gym.registry:
-        spec = gym.spec(env_id)
-        return spec.kwargs["game"], float(spec.kwargs.get("repeat_action_probability", 0.0))
-    accepted = [name for name in gym.registry if ATARI_ID.match(name)]
-    if env_id in gym.registry and gym.spec(env_id).kwargs.get("game"):
-        game = "".join(part.capitalize() for part in gym.spec(env_id).kwargs["game"].split("_"))
-        fail(f"{env_id} is not a supported id style; use ALE/{game}-v5 or {game}NoFrameskip-v4")
-    if env_id in gym.registry:
-        fail(
-            f"{env_id} is not an Atari game; this script trains on ale-py games, "
-            "ALE/<Game>-v5 or <Game>NoFrameskip-v4 (e.g. ALE/Pong-v5)"
-        )
-    close = difflib.get_close_matches(env_id, accepted, n=3, cutoff=0.5)
-    hint = f"; did you mean {', '.join(close)}?" if close else " (ids look like ALE/Pong-v5)"
-    fail(f"unknown environment id {env_id!r}{hint}")
-
-
-class FireOnReset(gym.Wrapper):
-    """Press FIRE after every reset: games like Breakout wait for it (the native env does this)."""
-
-    def reset(self, **kwargs):
-        obs, info = self.env.reset(**kwargs)
-        meanings = self.env.unwrapped.get_action_meanings()
-        if "FIRE" in meanings:
-            obs, _, terminated, truncated, info = self.env.step(meanings.index("FIRE"))
-            if terminated or truncated:
-                obs, info = self.env.reset()
-        return obs, info
-
-
-def make_gymnasium_env(env_id: str, sticky: float, noop_max: int) -> gym.Env:
-    """One game through gymnasium's wrappers, preprocessed as the native vector env does it: the
-    same frames, up to the no-op starts (their random counts come from another generator)."""
-    env = gym.make(
-        env_id,
-        frameskip=1,
-        repeat_action_probability=sticky,
-        full_action_space=False,
-        max_num_frames_per_episode=MAX_EPISODE_FRAMES,
-    )
-    env = gym.wrappers.AtariPreprocessing(env, noop_max=noop_max, frame_skip=4, screen_size=84)
-    env = FireOnReset(env)
-    # The native env starts an episode's stack with three black frames, not with copies of the
-    # first: the network must see the same thing from either backend.
-    return gym.wrappers.FrameStackObservation(env, 4, padding_type="zero")
 
 
 def make_envs(
@@ -292,12 +212,10 @@ class Agent(nn.Module):
 
     def forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """uint8 frames in, (logits, value) out: the rollout stores 4x fewer bytes as uint8."""
-        # Channels-last (NHWC) is the layout oneDNN's CPU convolutions run fastest on: the update
-        # measured 1.4-1.6x faster than with NCHW on a 2-core Xeon, for the same arithmetic.
+        # Channels-last: oneDNN's CPU convolutions run the update 1.4-1.6x faster than in NCHW.
         frames = obs.float().div_(255.0).contiguous(memory_format=torch.channels_last)
-        # The trunk is nearly all of the arithmetic: in bfloat16 it runs ~1.5x faster on CPUs with
-        # native bf16 (measured, see benchmarks/bench_ppo_atari_bf16.py). The two heads stay fp32:
-        # the PPO ratio exp(new - old log-prob) is clipped at 1 +- 0.1, and bf16's 3 significant
+        # The trunk in bf16 makes a whole training run 1.4x faster (benchmarks/README.md).
+        # The heads stay fp32: the PPO ratio is clipped at 1 +- 0.1, and bf16's 3 significant
         # digits in the logits would be noise of that order.
         with torch.autocast(frames.device.type, torch.bfloat16, enabled=self.bf16):
             hidden = self.trunk(frames)
@@ -321,25 +239,14 @@ class Agent(nn.Module):
 
 
 # Copied from ppo_cartpole.py: compute_gae
-def compute_gae(
-    rewards: torch.Tensor,
-    values: torch.Tensor,
-    terminated: torch.Tensor,
-    episode_ended: torch.Tensor,
-    gamma: float,
-    gae_lambda: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def compute_gae(rewards, values, terminated, episode_ended, gamma: float, gae_lambda: float):
     """Generalised advantage estimation over a (T, N) rollout; returns (advantages, returns).
 
-    `values` has T + 1 rows: V(s_0) ... V(s_T), the last being the value of the observation after
-    the final step. With next-step autoreset the observation after an episode's last step is its
-    final observation, so `values[t + 1]` is V(final obs) exactly where a *truncated* episode must
-    be bootstrapped from it. Hence:
-      - `terminated[t]` (the MDP ended) removes the bootstrap term: nothing follows a terminal state;
-      - `episode_ended[t]` (terminated or truncated) stops the advantage recursion, so credit never
-        flows across an episode boundary, but a truncated step still bootstraps from V(final obs).
-    The step after an episode ends (the autoreset step) gets a meaningless advantage here; the
-    caller drops it from the update.
+    `values` has T + 1 rows, the last being V(observation after the final step). With next-step
+    autoreset that is V(final obs) exactly where a *truncated* episode must be bootstrapped, so
+    `terminated` (the MDP ended) removes the bootstrap term, while `episode_ended` (terminated or
+    truncated) only stops the recursion: credit never flows across an episode boundary. The
+    autoreset step after an episode gets a meaningless advantage; the caller drops it.
     """
     num_steps = rewards.shape[0]
     advantages = torch.zeros_like(rewards)
@@ -354,19 +261,11 @@ def compute_gae(
 
 
 # Copied from ppo_cartpole.py: ppo_loss
-def ppo_loss(
-    new_logprobs: torch.Tensor,
-    old_logprobs: torch.Tensor,
-    advantages: torch.Tensor,
-    new_values: torch.Tensor,
-    old_values: torch.Tensor,
-    returns: torch.Tensor,
-    clip_coef: float,
-    clip_vloss: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def ppo_loss(new_logprobs, old_logprobs, advantages, new_values, old_values, returns,
+             clip_coef: float, clip_vloss: bool):  # fmt: skip
     """Clipped surrogate policy loss and (optionally clipped) value loss; also the ratio.
 
-    The policy loss is the negated PPO objective: max(-A r, -A clip(r, 1 - eps, 1 + eps)), i.e. a
+    The policy loss is the negated PPO objective max(-A r, -A clip(r, 1 - eps, 1 + eps)): a
     pessimistic bound that removes the incentive to move the ratio r outside [1 - eps, 1 + eps].
     """
     ratio = (new_logprobs - old_logprobs).exp()
@@ -375,22 +274,16 @@ def ppo_loss(
     policy_loss = torch.max(unclipped, clipped).mean()
     if clip_vloss:
         values_clipped = old_values + (new_values - old_values).clamp(-clip_coef, clip_coef)
-        value_loss = 0.5 * torch.max((new_values - returns) ** 2, (values_clipped - returns) ** 2).mean()
+        squared_errors = torch.max((new_values - returns) ** 2, (values_clipped - returns) ** 2)
+        value_loss = 0.5 * squared_errors.mean()
     else:
         value_loss = 0.5 * ((new_values - returns) ** 2).mean()
     return policy_loss, value_loss, ratio
 
 
 def learning_signals(
-    rewards: np.ndarray,
-    terminated: np.ndarray,
-    truncated: np.ndarray,
-    lives: np.ndarray,
-    previous_lives: np.ndarray,
-    autoreset: np.ndarray,
-    clip_rewards: bool,
-    episodic_life: bool,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    rewards, terminated, truncated, lives, previous_lives, autoreset, clip_rewards, episodic_life
+):
     """What the learner sees of one vector step: (reward, terminated, episode_ended).
 
     Clipping rewards to their sign makes one set of hyper-parameters work across games whose
@@ -412,15 +305,6 @@ def linear_schedule(start: float, iteration: int, num_iterations: int) -> float:
     return start * (1.0 - (iteration - 1.0) / num_iterations)
 
 
-# Copied from ppo_cartpole.py: explained_variance
-def explained_variance(predictions: torch.Tensor, targets: torch.Tensor) -> float:
-    """1 - Var(targets - predictions) / Var(targets): 1 is perfect, 0 is no better than a mean."""
-    target_variance = targets.var()
-    if target_variance == 0:
-        return float("nan")
-    return float(1.0 - (targets - predictions).var() / target_variance)
-
-
 def update(
     agent, optimizer, args, keep, b_obs, b_actions, b_logprobs, b_advantages, b_returns, b_values,
     average: Callable[[list[torch.Tensor]], None] = lambda tensors: None,
@@ -435,8 +319,7 @@ def update(
     """
     if len(keep) == 0:  # every step of the rollout was an autoreset step: nothing to learn from
         return {"finite": True}
-    clipfracs = []
-    stats = {}
+    clipfracs, stats = [], {}
     for _epoch in range(args.update_epochs):
         permutation = keep[torch.randperm(len(keep), device=keep.device)]
         for minibatch in permutation.tensor_split(args.num_minibatches):
@@ -452,15 +335,9 @@ def update(
             if args.norm_adv and len(advantages) > 1:
                 advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
             policy_loss, value_loss, ratio = ppo_loss(
-                new_logprob,
-                b_logprobs[minibatch],
-                advantages,
-                new_value,
-                b_values[minibatch],
-                b_returns[minibatch],
-                args.clip_coef,
-                args.clip_vloss,
-            )
+                new_logprob, b_logprobs[minibatch], advantages, new_value, b_values[minibatch],
+                b_returns[minibatch], args.clip_coef, args.clip_vloss,
+            )  # fmt: skip
             entropy_loss = entropy.mean()
             loss = policy_loss - args.ent_coef * entropy_loss + args.vf_coef * value_loss
 
@@ -477,19 +354,17 @@ def update(
             optimizer.step()
 
             with torch.no_grad():
-                # Schulman's estimators of KL(old || new); the second is unbiased, lower-variance.
-                old_approx_kl = (-log_ratio).mean()
-                approx_kl = ((ratio - 1) - log_ratio).mean()
+                # Schulman's KL(old || new) estimators: the second is unbiased, with less variance.
+                stats = {
+                    "policy_loss": policy_loss.item(),
+                    "value_loss": value_loss.item(),
+                    "entropy": entropy_loss.item(),
+                    "old_approx_kl": (-log_ratio).mean().item(),
+                    "approx_kl": ((ratio - 1) - log_ratio).mean().item(),
+                    "ratio_mean": ratio.mean().item(),
+                    "ratio_max": ratio.max().item(),
+                }
                 clipfracs.append(((ratio - 1.0).abs() > args.clip_coef).float().mean())
-            stats = {
-                "policy_loss": policy_loss.item(),
-                "value_loss": value_loss.item(),
-                "entropy": entropy_loss.item(),
-                "old_approx_kl": old_approx_kl.item(),
-                "approx_kl": approx_kl.item(),
-                "ratio_mean": ratio.mean().item(),
-                "ratio_max": ratio.max().item(),
-            }
         if args.target_kl is not None:
             approx_kl = torch.tensor([stats["approx_kl"]], device=b_obs.device)
             average([approx_kl])  # every rank stops after the same epoch
@@ -504,36 +379,24 @@ def update(
 def main(args: Args) -> None:
     validate(args)
     if args.eval_checkpoint:
-        evaluate_checkpoint(args)
-        return
-    checkpoint = load_checkpoint(args.resume) if args.resume else None
+        return evaluate_checkpoint(args)
     # Launched by torchrun, this process is one rank of several, each stepping its own --num-envs
     # games; alone, it is rank 0 of 1 and nothing below changes.
     ranks = Ranks(args.cuda)
     steps_per_iteration = args.batch_size * ranks.world  # every rank's rollout
     num_iterations = max(1, args.total_timesteps // steps_per_iteration)
-    if checkpoint is not None:
-        check_settings(args, checkpoint["args"], RESUME_MAY_CHANGE)
-        run_name, global_step = checkpoint["run_name"], checkpoint["global_step"]
-        check_resume_step(global_step, args.batch_size, ranks.world)
-    else:
-        run_name = (
-            f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"
-        )
-        global_step = 0
+    # The run's name, loggers, progress bar and stop signals; with --resume, the saved state. Rank 0
+    # logs, saves and evaluates; the other ranks' runs only follow its exits.
+    run_of_this_rank = MainRun if ranks.is_main else RankRun
+    run = run_of_this_rank(args, num_iterations * steps_per_iteration, ranks)
     # Counted in steps, so that a run saved by N ranks resumes in any number of them.
-    start_iteration = global_step // steps_per_iteration + 1
-    total_steps = num_iterations * steps_per_iteration
-    run = (
-        MainRun(ranks, args, run_name, total_steps, global_step)
-        if ranks.is_main
-        else RankRun(ranks)  # logs and saves nothing; exits with rank 0
-    )
+    global_step, start_iteration = run.start_step, run.start_step // steps_per_iteration + 1
     # A resumed run reseeds with an offset so it does not replay the random stream of its start;
     # each rank plays its own games with its own random numbers.
     seed = args.seed + start_iteration - 1 + ranks.rank * RANK_SEED_OFFSET
     seed_everything(seed, args.torch_deterministic)
     device = ranks.local_device(pick_device(args.cuda, args.torch_threads))
+
     envs = make_envs(
         args.env_id,
         args.num_envs,
@@ -543,18 +406,16 @@ def main(args: Args) -> None:
     )
     agent = build_agent(args.env_id, device, args.bf16)
     ranks.copy_from_rank_0(agent)  # the same initial weights on every rank
+    # eps=1e-5 rather than 1e-8, as in the reference PPO implementation.
     optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)
-    if checkpoint is not None:
-        restore(agent, optimizer, checkpoint, args.resume)
-
-    # The last finished iteration: what training_state saves, and where a resumed run goes on.
-    iteration = start_iteration - 1
+    run.restore(model=agent, optimizer=optimizer)  # with --resume
+    iteration = start_iteration - 1  # the last finished one, saved with the state
 
     def training_state() -> dict:
         return {
             "kind": CHECKPOINT_KIND,
             "env_id": args.env_id,
-            "run_name": run_name,
+            "run_name": run.name,
             "args": asdict(args),
             "global_step": global_step,
             "iteration": iteration,
@@ -583,9 +444,8 @@ def main(args: Args) -> None:
     for iteration in range(start_iteration, num_iterations + 1):
         previous_step = global_step
         if args.anneal_lr:
-            optimizer.param_groups[0]["lr"] = linear_schedule(
-                args.learning_rate, iteration, num_iterations
-            )
+            learning_rate = linear_schedule(args.learning_rate, iteration, num_iterations)
+            optimizer.param_groups[0]["lr"] = learning_rate
 
         for step in range(args.num_steps):
             global_step += args.num_envs * ranks.world  # the steps of every rank
@@ -606,20 +466,16 @@ def main(args: Args) -> None:
             )  # fmt: skip
             lives, next_is_autoreset = infos["lives"], term | trunc
             for i in np.flatnonzero(infos.get("_episode", [])):
-                run.log_episode(
-                    float(infos["episode"]["r"][i]), int(infos["episode"]["l"][i]), global_step
-                )
+                run.log_episode(infos["episode"]["r"][i], infos["episode"]["l"][i], global_step)
 
         with torch.inference_mode():
             # After the last step: V(next obs), which is V(final obs) where a game just ended.
             values[args.num_steps] = agent.get_value(torch.from_numpy(next_obs).to(device))
+            rewards_t, terminated_t, episode_ended_t = (
+                torch.from_numpy(array).to(device) for array in (rewards, terminated, episode_ended)
+            )
             advantages, returns = compute_gae(
-                torch.from_numpy(rewards).to(device),
-                values,
-                torch.from_numpy(terminated).to(device),
-                torch.from_numpy(episode_ended).to(device),
-                args.gamma,
-                args.gae_lambda,
+                rewards_t, values, terminated_t, episode_ended_t, args.gamma, args.gae_lambda
             )
         keep = torch.from_numpy(np.flatnonzero(valid)).to(device)  # the real transitions
         b_values, b_returns = values[:-1].flatten(), returns.flatten()
@@ -629,51 +485,59 @@ def main(args: Args) -> None:
             b_advantages, b_returns, b_values, ranks.average,
         )  # fmt: skip
 
-        run.stop_if_not_finite(stats["finite"], training_state, global_step)
-        if crossed(args.log_interval, global_step, previous_step):
-            losses = {f"losses/{key}": value for key, value in stats.items() if key != "finite"}
-            losses["losses/explained_variance"] = explained_variance(
-                b_values[keep], b_returns[keep]
-            )
-            run.log(losses | {"charts/learning_rate": optimizer.param_groups[0]["lr"]}, global_step)
-        if iteration % 10 == 1:
-            run.writer.add_histogram("losses/advantages", b_advantages[keep], global_step)
-        run.advance(global_step)
-        run.checkpoint(training_state, global_step, previous_step)
-        if ranks.agree_to_stop(run.stop):  # a signal to any rank stops every rank here
+        # Logging, the NaN check, the progress bar, checkpoints and stop signals (a non-finite loss
+        # or a signal to any rank stops every rank at the same iteration).
+        scalars = {f"losses/{key}": value for key, value in stats.items() if key != "finite"}
+        scalars["losses/explained_variance"] = explained_variance(b_values[keep], b_returns[keep])
+        scalars["charts/learning_rate"] = optimizer.param_groups[0]["lr"]
+        histograms = {"losses/advantages": b_advantages[keep]}
+        if run.end_iteration(
+            global_step, previous_step, scalars, training_state, stats["finite"], histograms
+        ):
             break
     envs.close()
-    ranks.check_identical(agent)
-    run.end_training(training_state(), global_step)  # exits 130/143 after a stop signal
-    if not ranks.is_main:  # rank 0 alone evaluates
-        ranks.close()
-        return
 
-    video = Path(f"videos/{run_name}/eval/episode-0.mp4") if args.capture_video else None
-    eval_envs = make_envs(
-        args.env_id,
-        args.eval_episodes,
-        args.repeat_action_probability,
-        args.env_backend,
-        args.env_threads,
-    )
-    eval_returns = evaluate(
-        agent, eval_envs, args.seed + EVAL_SEED_OFFSET, device, args.eval_greedy, video
-    )
-    for episode, episode_return in enumerate(eval_returns):
-        run.log({"eval/episodic_return": episode_return}, episode)
-    run.finish(global_step, eval_summary(eval_returns))
-    ranks.close()
+    def final_evaluation(video_folder: str | None) -> tuple[dict[str, np.ndarray], str]:
+        """Rank 0 alone: --eval-episodes full games, the ones --eval-checkpoint plays again."""
+        eval_envs = make_envs(
+            args.env_id,
+            args.eval_episodes,
+            args.repeat_action_probability,
+            args.env_backend,
+            args.env_threads,
+        )
+        video = Path(video_folder) / "episode-0.mp4" if video_folder else None
+        eval_seed = args.seed + EVAL_SEED_OFFSET
+        returns = evaluate(agent, eval_envs, eval_seed, device, args.eval_greedy, video)
+        return {"eval/episodic_return": returns}, eval_summary(returns)
+
+    # Save, evaluate, summarise; after Ctrl-C or SIGTERM, exit 130 or 143 instead (on every rank).
+    run.finish(training_state(), global_step, final_evaluation)
 
 
 # ----------------------------------------------------------------------------------------------
-# Plumbing: validation, evaluation of a checkpoint, checkpoint files, logging and stop signals.
+# Plumbing: validation, the gymnasium backend, evaluation, checkpoints, logging, signals, ranks.
 # A first reading can stop here: nothing below changes what the algorithm computes.
 # ----------------------------------------------------------------------------------------------
+
+# Checkpoints say what they hold by this kind, not by the script's file name, so a renamed copy of
+# this script still loads its own checkpoints.
+CHECKPOINT_KIND = "ppo-atari-cnn/1"
+EVALUATED_KINDS = ()  # earlier kinds that this version evaluates but does not resume: none yet
+CHECKPOINT_SUFFIX = ".pt"
 
 
 # Copied from ppo_cartpole.py: EVAL_SEED_OFFSET
 EVAL_SEED_OFFSET = 10_000  # evaluation envs get seed + this: episodes that training never saw
+
+
+# Copied from ppo_cartpole.py: explained_variance
+def explained_variance(predictions: torch.Tensor, targets: torch.Tensor) -> float:
+    """1 - Var(targets - predictions) / Var(targets): 1 is perfect, 0 is no better than a mean."""
+    if len(targets) < 2 or targets.var() == 0:  # no variance to explain
+        return float("nan")
+    target_variance = targets.var()
+    return float(1.0 - (targets - predictions).var() / target_variance)
 
 
 # Copied from ppo_cartpole.py: crossed
@@ -690,34 +554,42 @@ def fail(message: str) -> NoReturn:
     sys.exit(2)
 
 
-def validate(args: Args) -> None:
-    """Check every knob before any heavy work, so a typo costs a second, not a run."""
-    for name in ("total_timesteps", "num_envs", "num_steps", "num_minibatches", "update_epochs"):
+# Copied from ppo_cartpole.py: check_positive
+def check_positive(args: Args, *names: str) -> None:
+    for name in names:
         if getattr(args, name) <= 0:
             fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    if args.eval_episodes <= 0:
-        fail(f"--eval-episodes must be positive, got {args.eval_episodes}")
-    if args.torch_threads <= 0:
-        fail(f"--torch-threads must be positive, got {args.torch_threads}")
-    for name in ("checkpoint_freq", "log_interval", "env_threads"):
+
+
+# Copied from ppo_cartpole.py: check_non_negative
+def check_non_negative(args: Args, *names: str) -> None:
+    for name in names:
         if getattr(args, name) < 0:
             fail(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+
+
+# Copied from ppo_cartpole.py: check_fraction
+def check_fraction(args: Args, *names: str) -> None:
+    for name in names:
+        if not 0.0 <= getattr(args, name) <= 1.0:
+            fail(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}")
+
+
+def validate(args: Args) -> None:
+    """Check every knob before any heavy work, so a typo costs a second, not a run."""
+    check_positive(
+        args, "total_timesteps", "num_envs", "num_steps", "num_minibatches", "update_epochs",
+        "eval_episodes", "torch_threads", "learning_rate", "clip_coef", "max_grad_norm",
+    )  # fmt: skip
+    check_non_negative(args, "checkpoint_freq", "log_interval", "env_threads")
+    check_fraction(args, "gamma", "gae_lambda")
+    if args.repeat_action_probability is not None:  # None: the id's own
+        check_fraction(args, "repeat_action_probability")
     if args.batch_size % args.num_minibatches:
         fail(
             f"--num-minibatches {args.num_minibatches} does not divide the batch of "
             f"{args.batch_size} (= num_envs {args.num_envs} x num_steps {args.num_steps})"
         )
-    for name in ("gamma", "gae_lambda"):
-        if not 0.0 <= getattr(args, name) <= 1.0:
-            fail(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}")
-    if (
-        args.repeat_action_probability is not None
-        and not 0.0 <= args.repeat_action_probability <= 1.0
-    ):
-        fail(f"--repeat-action-probability must be in [0, 1], got {args.repeat_action_probability}")
-    for name in ("learning_rate", "clip_coef", "max_grad_norm"):
-        if getattr(args, name) <= 0:
-            fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.target_kl is not None and args.target_kl <= 0:
         fail(f"--target-kl must be positive (or omitted), got {args.target_kl}")
     # Every other step of a rollout is a real transition at least (an autoreset step follows a
@@ -736,13 +608,41 @@ def validate(args: Args) -> None:
     atari_game(args.env_id)
 
 
+# The two id styles this script accepts: the ALE v5 ids (sticky actions on) and the classic
+# NoFrameskip-v4 ids of the DQN/PPO papers (sticky actions off).
+ATARI_ID = re.compile(r"^(ALE/(?P<v5>[A-Za-z]+)-v5|(?P<v4>[A-Za-z]+)NoFrameskip-v4)$")
+
+
+def atari_game(env_id: str) -> tuple[str, float]:
+    """The ROM name and the default sticky-action probability of an Atari id; fail otherwise."""
+    match = ATARI_ID.match(env_id)
+    if match and env_id in gym.registry:
+        spec = gym.spec(env_id)
+        return spec.kwargs["game"], float(spec.kwargs.get("repeat_action_probability", 0.0))
+    accepted = [name for name in gym.registry if ATARI_ID.match(name)]
+    if env_id in gym.registry and gym.spec(env_id).kwargs.get("game"):
+        game = "".join(part.capitalize() for part in gym.spec(env_id).kwargs["game"].split("_"))
+        fail(f"{env_id} is not a supported id style; use ALE/{game}-v5 or {game}NoFrameskip-v4")
+    if env_id in gym.registry:
+        fail(
+            f"{env_id} is not an Atari game; this script trains on ale-py games, "
+            "ALE/<Game>-v5 or <Game>NoFrameskip-v4 (e.g. ALE/Pong-v5)"
+        )
+    close = difflib.get_close_matches(env_id, accepted, n=3, cutoff=0.5)
+    hint = f"; did you mean {', '.join(close)}?" if close else " (ids look like ALE/Pong-v5)"
+    fail(f"unknown environment id {env_id!r}{hint}")
+
+
 # Copied from ppo_cartpole.py: parse_args
 def parse_args(argv: list[str] | None = None) -> Args:
     """The command line as Args. With --resume or --eval-checkpoint, every flag left out takes the
-    checkpoint's setting, so `--resume PATH` alone continues the run that PATH belongs to."""
+    checkpoint's setting, so `--resume PATH` alone continues the run that PATH belongs to (for a
+    folder of checkpoints, the settings of its first)."""
     args = tyro.cli(Args, args=argv)
     path = args.resume or args.eval_checkpoint
-    if path is None:
+    if path is not None and Path(path).is_dir():
+        path = next(iter(sorted(Path(path).glob(f"*{CHECKPOINT_SUFFIX}"))), None)
+    if path is None:  # (an empty folder is reported by the evaluation of the folder)
         return args
     saved_args = load_checkpoint(path)["args"]
     known = {field.name for field in fields(Args)}
@@ -803,7 +703,7 @@ def seed_everything(seed: int, torch_deterministic: bool) -> None:
 
 # Copied from ppo_cartpole.py: pick_device
 def pick_device(want_cuda: bool, torch_threads: int) -> torch.device:
-    """The GPU when asked for and present, else the CPU with a notice; `torch_threads` CPU threads."""
+    """The GPU when asked for and present, else the CPU with a notice; `torch_threads` threads."""
     torch.set_num_threads(torch_threads)
     if want_cuda and torch.cuda.is_available():
         return torch.device("cuda")
@@ -832,16 +732,44 @@ def native_bf16(device: torch.device) -> bool:
     return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", flags))
 
 
-def restore(
-    agent: Agent, optimizer: torch.optim.Optimizer | None, checkpoint: dict, path: str
-) -> None:
-    """Load the saved weights (and optimiser state); a mismatch fails with one line."""
+# Copied from ppo_cartpole.py: restore
+def restore(checkpoint: dict, path: str, **objects) -> None:
+    """Load each object's saved state (model=agent, optimizer=...); a mismatch fails in one line."""
     try:
-        agent.load_state_dict(checkpoint["model"])
-        if optimizer is not None:
-            optimizer.load_state_dict(checkpoint["optimizer"])
+        for key, target in objects.items():
+            target.load_state_dict(checkpoint[key])
     except (RuntimeError, ValueError, KeyError) as error:
         fail(f"{path} does not match this network ({str(error).splitlines()[0]})")
+
+
+class FireOnReset(gym.Wrapper):
+    """Press FIRE after every reset: games like Breakout wait for it (the native env does this)."""
+
+    def reset(self, **kwargs):
+        obs, info = self.env.reset(**kwargs)
+        meanings = self.env.unwrapped.get_action_meanings()
+        if "FIRE" in meanings:
+            obs, _, terminated, truncated, info = self.env.step(meanings.index("FIRE"))
+            if terminated or truncated:
+                obs, info = self.env.reset()
+        return obs, info
+
+
+def make_gymnasium_env(env_id: str, sticky: float, noop_max: int) -> gym.Env:
+    """One game through gymnasium's wrappers, preprocessed as the native vector env does it: the
+    same frames, up to the no-op starts (their random counts come from another generator)."""
+    env = gym.make(
+        env_id,
+        frameskip=1,
+        repeat_action_probability=sticky,
+        full_action_space=False,
+        max_num_frames_per_episode=MAX_EPISODE_FRAMES,
+    )
+    env = gym.wrappers.AtariPreprocessing(env, noop_max=noop_max, frame_skip=4, screen_size=84)
+    env = FireOnReset(env)
+    # The native env starts an episode's stack with three black frames, not with copies of the
+    # first: the network must see the same thing from either backend.
+    return gym.wrappers.FrameStackObservation(env, 4, padding_type="zero")
 
 
 @torch.inference_mode()
@@ -895,6 +823,7 @@ def write_video(path: Path, frames: list[np.ndarray], fps: int = 15) -> None:
     ImageSequenceClip(rgb, fps=fps).write_videofile(str(path), logger=None, audio=False)
 
 
+# Copied from ppo_cartpole.py: eval_summary
 def eval_summary(returns: np.ndarray) -> str:
     return f"eval return {returns.mean():.2f} ± {returns.std():.2f} over {len(returns)} episodes"
 
@@ -917,7 +846,7 @@ def evaluate_checkpoint(args: Args) -> None:
         agent = None
         if checkpoint is not None:
             agent = build_agent(args.env_id, device(), args.bf16)
-            restore(agent, None, checkpoint, path)
+            restore(checkpoint, path, model=agent)
         envs = make_envs(
             args.env_id,
             args.eval_episodes,
@@ -929,7 +858,9 @@ def evaluate_checkpoint(args: Args) -> None:
         return {"return": evaluate(agent, envs, seed, device(), args.eval_greedy, video_path)}
 
     if Path(args.eval_checkpoint).is_dir():
-        evaluate_checkpoint_folder(args.eval_checkpoint, load, play, ".pt", "agent steps")
+        evaluate_checkpoint_folder(
+            args.eval_checkpoint, load, play, CHECKPOINT_SUFFIX, "agent steps"
+        )
         return
     checkpoint = load(args.eval_checkpoint)
     video = (
@@ -1049,15 +980,25 @@ def training_returns(run_dir: Path) -> tuple[np.ndarray, np.ndarray]:
 
 # Copied from ppo_cartpole.py: save_checkpoint
 def save_checkpoint(path: Path, state: dict) -> None:
-    """Write atomically: a crash mid-write leaves the previous checkpoint intact."""
+    """Write atomically and durably: the new file reaches the disk before it replaces the old one,
+    and the folder's entry after, so a crash or a power loss leaves one whole checkpoint or the
+    other under the name, never an empty file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(path.name + ".tmp")
-    torch.save(state, temporary)
+    with open(temporary, "wb") as file:
+        torch.save(state, file)
+        file.flush()
+        os.fsync(file.fileno())
     os.replace(temporary, path)
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
 
 
 # Copied from ppo_cartpole.py: load_checkpoint
-def load_checkpoint(path: str) -> dict:
+def load_checkpoint(path: str, resume: bool = False) -> dict:
     """Load a checkpoint of this script's kind; anything else fails with one line."""
     if not Path(path).is_file():
         fail(f"checkpoint {path} does not exist")
@@ -1067,152 +1008,186 @@ def load_checkpoint(path: str) -> dict:
         fail(f"{path} is not a readable checkpoint ({type(error).__name__}); it may be truncated")
     if not isinstance(checkpoint, dict) or "kind" not in checkpoint or "args" not in checkpoint:
         fail(f"{path} is not a checkpoint of this project")
-    if checkpoint["kind"] != CHECKPOINT_KIND:
-        fail(f"{path} holds a {checkpoint['kind']} checkpoint; this script trains {CHECKPOINT_KIND}")
-    return checkpoint
-
-
-# Copied from ppo_cartpole.py: StopFlag
-class StopFlag:
-    """Ctrl-C (SIGINT) or SIGTERM (job schedulers, `timeout`, `docker stop`) asks the training loop
-    to stop at the end of the iteration and save; a second signal aborts at once."""
-
-    def __init__(self):
-        self.signum: int | None = None
-        # SDL (pygame renders CartPole and Flappy Bird) installs its own SIGINT/SIGTERM handlers
-        # when it starts, which would swallow SIGTERM; this hint tells it not to.
-        os.environ.setdefault("SDL_NO_SIGNAL_HANDLERS", "1")
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(signum, self._handle)
-
-    def _handle(self, signum, frame):
-        if self.signum is not None:
-            raise KeyboardInterrupt
-        self.signum = signum
-        name = signal.Signals(signum).name
-        print(
-            f"\n{name}: stopping after this iteration (send it again to abort without saving)",
-            file=sys.stderr,
+    kind = checkpoint["kind"]
+    if kind in EVALUATED_KINDS and resume:
+        fail(
+            f"{path} holds a {kind} checkpoint, an earlier kind that this version can evaluate "
+            "(--eval-checkpoint) but not resume: its training state is saved differently"
         )
-
-    @property
-    def requested(self) -> bool:
-        return self.signum is not None
-
-    @property
-    def exit_code(self) -> int:
-        """128 + the signal number, as a shell reports a process ended by it (130, 143)."""
-        return 128 + self.signum
+    if kind != CHECKPOINT_KIND and kind not in EVALUATED_KINDS:
+        fail(f"{path} holds a {kind} checkpoint; this script trains {CHECKPOINT_KIND}")
+    return checkpoint
 
 
 # Copied from ppo_cartpole.py: Run
 class Run:
-    """What the training loop does besides the algorithm, behind a few calls: TensorBoard (and
-    W&B) logging, the progress bar, checkpoint files and the stop flag of Ctrl-C and SIGTERM."""
+    """What the training loop does besides the algorithm, behind three calls: the run's name and
+    resumed state, TensorBoard (and W&B) logging, the progress bar, checkpoint files, and stop
+    signals. Ctrl-C (SIGINT) or SIGTERM (job schedulers, `timeout`, `docker stop`) stops training
+    at the end of the iteration with a checkpoint; a second signal aborts at once; a signal during
+    the final evaluation ends it (the trained agent is saved by then)."""
 
-    def __init__(self, args: Args, run_name: str, total_steps: int, global_step: int):
+    def __init__(self, args: Args, total_steps: int):
         self.args = args
-        self.dir = Path("runs") / run_name
-        self.checkpoint_path = self.dir / f"{args.exp_name}.pt"
-        # Before anything renders, so that SDL finds the handlers in place.
-        self.stop = StopFlag()
+        self.resumed = load_checkpoint(args.resume, resume=True) if args.resume else None
+        if self.resumed is not None:
+            check_settings(args, self.resumed["args"], RESUME_MAY_CHANGE)
+            self.name, self.start_step = self.resumed["run_name"], self.resumed["global_step"]
+        else:
+            env_name = args.env_id.replace("/", "-")
+            self.name = f"{env_name}__{args.exp_name}__{args.seed}__{int(time.time())}"
+            self.start_step = 0
+        self.dir = Path("runs") / self.name
+        self.checkpoint_path = self.dir / f"{args.exp_name}{CHECKPOINT_SUFFIX}"
+        # Before anything renders: SDL (pygame) installs signal handlers of its own when it starts,
+        # which would swallow SIGTERM, unless this hint tells it not to.
+        self.signum, self.evaluating = None, False
+        os.environ.setdefault("SDL_NO_SIGNAL_HANDLERS", "1")
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, self._on_signal)
         if args.track:
+            import hashlib
+
             import wandb
 
             wandb.init(
                 project=args.wandb_project_name,
                 entity=args.wandb_entity,
                 group=args.wandb_group or args.exp_name,
-                name=run_name,
+                name=self.name,
                 # The id follows from the run name, so a resumed run continues the same W&B run.
-                id=hashlib.sha256(run_name.encode()).hexdigest()[:16],
+                id=hashlib.sha256(self.name.encode()).hexdigest()[:16],
                 resume="allow",
                 config=asdict(args),
                 sync_tensorboard=True,
                 save_code=True,
             )
         self.writer = SummaryWriter(str(self.dir))
-        self.writer.add_text(
-            "hyperparameters",
-            "|param|value|\n|-|-|\n" + "\n".join(f"|{key}|{value}|" for key, value in asdict(args).items()),
-        )
-        self.start_step, self.start_time = global_step, time.time()
+        table = "\n".join(f"|{key}|{value}|" for key, value in asdict(args).items())
+        self.writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)
+        self.start_time = time.time()
         self.recent_returns: deque[float] = deque(maxlen=20)
-        self.progress = tqdm(total=total_steps, initial=global_step, unit="step", dynamic_ncols=True)
+        self.progress = tqdm(
+            total=total_steps, initial=self.start_step, unit="step", dynamic_ncols=True
+        )
+
+    def _on_signal(self, signum, frame):
+        if self.signum is not None or self.evaluating:
+            self.signum = self.signum or signum
+            raise KeyboardInterrupt
+        self.signum = signum
+        name = signal.Signals(signum).name
+        print(f"\n{name}: stopping after this iteration (send it again to abort without saving)",
+              file=sys.stderr)  # fmt: skip
+
+    def restore(self, **objects) -> None:
+        """With --resume: load each object's saved state (model=agent, optimizer=...)."""
+        if self.resumed is not None:
+            restore(self.resumed, self.args.resume, **objects)
 
     def log_episode(self, episodic_return: float, length: int, global_step: int) -> None:
         """One finished training episode, with its true (unclipped, unscaled) return."""
-        self.writer.add_scalar("charts/episodic_return", episodic_return, global_step)
-        self.writer.add_scalar("charts/episodic_length", length, global_step)
-        self.recent_returns.append(episodic_return)
+        self.writer.add_scalar("charts/episodic_return", float(episodic_return), global_step)
+        self.writer.add_scalar("charts/episodic_length", int(length), global_step)
+        self.recent_returns.append(float(episodic_return))
 
-    def log(self, scalars: dict[str, float], global_step: int) -> None:
-        for key, value in scalars.items():
-            self.writer.add_scalar(key, value, global_step)
-
-    def advance(self, global_step: int) -> int:
-        """Move the progress bar to `global_step` and log charts/SPS; return the steps per second."""
-        sps = int((global_step - self.start_step) / max(time.time() - self.start_time, 1e-6))
-        self.writer.add_scalar("charts/SPS", sps, global_step)
+    def end_iteration(
+        self,
+        global_step: int,
+        previous_step: int,
+        scalars: dict[str, float],
+        state: Callable[[], dict],
+        finite: bool = True,
+        histograms: dict | None = None,
+    ) -> bool:
+        """Once per iteration: stop on a non-finite loss (the state saved for inspection, exit 1),
+        log every --log-interval steps, move the progress bar, checkpoint every --checkpoint-freq
+        steps. True when a stop signal asks the training loop to end."""
+        if not finite:
+            path = self.dir / f"{self.checkpoint_path.stem}_nan{self.checkpoint_path.suffix}"
+            save_checkpoint(path, state())
+            self.progress.close()
+            self.writer.close()
+            print(f"error: loss became non-finite at step {global_step}; state saved to {path}",
+                  file=sys.stderr)  # fmt: skip
+            sys.exit(1)
+        elapsed = max(time.time() - self.start_time, 1e-6)
+        sps = int((global_step - self.start_step) / elapsed)
+        if crossed(self.args.log_interval, global_step, previous_step):
+            for key, value in {**scalars, "charts/SPS": sps}.items():
+                self.writer.add_scalar(key, value, global_step)
+            if histograms and crossed(10 * self.args.log_interval, global_step, previous_step):
+                for key, values in histograms.items():
+                    self.writer.add_histogram(key, values, global_step)
         self.progress.update(global_step - self.progress.n)
         if self.recent_returns:
-            self.progress.set_postfix(sps=sps, ret=f"{np.mean(self.recent_returns):.1f}", refresh=False)
-        return sps
-
-    def checkpoint(self, state: Callable[[], dict], global_step: int, previous_step: int) -> None:
-        """Every --checkpoint-freq steps: refresh the checkpoint and keep a copy named by its step."""
+            recent = f"{np.mean(self.recent_returns):.1f}"
+            self.progress.set_postfix(sps=sps, ret=recent, refresh=False)
         if self.args.save_model and crossed(self.args.checkpoint_freq, global_step, previous_step):
             saved = state()
             save_checkpoint(self.checkpoint_path, saved)
             save_checkpoint(self.kept_path(global_step), saved)
+        return self.signum is not None
 
     def kept_path(self, global_step: int) -> Path:
         """runs/<run>/checkpoints/<name>_<step>: where the checkpoint of a step is kept."""
         name = f"{self.checkpoint_path.stem}_{global_step:012d}{self.checkpoint_path.suffix}"
         return self.dir / "checkpoints" / name
 
-    def stop_if_not_finite(self, finite: bool, state: Callable[[], dict], global_step: int) -> None:
-        """A NaN or infinite loss or weight ends the run: save the state for inspection, exit 1."""
-        if finite:
-            return
-        path = self.dir / f"{self.checkpoint_path.stem}_nan{self.checkpoint_path.suffix}"
-        save_checkpoint(path, state())
+    def finish(
+        self,
+        state: dict,
+        global_step: int,
+        final_evaluation: Callable[[str | None], tuple[dict[str, np.ndarray], str]],
+    ) -> None:
+        """After the loop: save the checkpoint; after a stop signal, say where it is and exit
+        128 + the signal (130, 143). Else run `final_evaluation(video_folder)`, which returns its
+        per-episode scalars and a summary; log them and print the one summary line."""
         self.progress.close()
-        print(f"error: loss became non-finite at step {global_step}; state saved to {path}", file=sys.stderr)
-        sys.exit(1)
-
-    def end_training(self, state: dict, global_step: int) -> None:
-        """Save the final checkpoint; if a stop signal ended training, say where it is and exit."""
-        self.progress.close()
+        where = f"; checkpoint {self.checkpoint_path}" if self.args.save_model else ""
         if self.args.save_model:
             save_checkpoint(self.checkpoint_path, state)
             # The trained agent is kept too, so that evaluating the folder of kept checkpoints ends
             # with it (a stopped run's checkpoint is a point to resume from, not a result).
-            if self.args.checkpoint_freq and not self.stop.requested:
+            if self.args.checkpoint_freq and self.signum is None:
                 save_checkpoint(self.kept_path(global_step), state)
-        if self.stop.requested:
+        if self.signum is not None:
             self.writer.close()
-            where = (
-                f": checkpoint saved to {self.checkpoint_path} (continue with --resume {self.checkpoint_path})"
-                if self.args.save_model
-                else ""
+            resume = (
+                f" (continue with --resume {self.checkpoint_path})" if self.args.save_model else ""
             )
-            print(f"interrupted at step {global_step}{where}", file=sys.stderr)
-            sys.exit(self.stop.exit_code)
+            print(f"interrupted at step {global_step}{where}{resume}", file=sys.stderr)
+            sys.exit(128 + self.signum)
 
-    def finish(self, global_step: int, result: str) -> None:
-        """Close the loggers and print the one summary line: steps, time, evaluation, checkpoint."""
+        video_folder = None
+        if self.args.capture_video:
+            # A resumed run's evaluation gets a folder of its own: no video overwrites another's.
+            resumed = f"-step-{global_step}" if self.resumed is not None else ""
+            video_folder = f"videos/{self.name}/eval{resumed}"
+        self.evaluating = True  # from here on, a signal ends the evaluation and the process
+        try:
+            per_episode, summary = final_evaluation(video_folder)
+        except KeyboardInterrupt:
+            self.writer.close()
+            if self.signum is None:
+                raise
+            name = signal.Signals(self.signum).name
+            print(f"{name}: the final evaluation was stopped at step {global_step}{where}",
+                  file=sys.stderr)  # fmt: skip
+            sys.exit(128 + self.signum)
+        self.evaluating = False
+        for key, values in per_episode.items():
+            for episode, value in enumerate(values):
+                if not np.isnan(value):
+                    self.writer.add_scalar(key, value, episode)
         self.writer.close()
         if self.args.track:
             import wandb
 
             wandb.finish()
         elapsed = time.time() - self.start_time
-        saved = f"; checkpoint {self.checkpoint_path}" if self.args.save_model else ""
-        print(
-            f"done: {global_step} steps in {elapsed:.1f}s ({(global_step - self.start_step) / elapsed:.0f} steps/s); "
-            f"{result}{saved}"
-        )
+        sps = (global_step - self.start_step) / elapsed
+        print(f"done: {global_step} steps in {elapsed:.1f}s ({sps:.0f} steps/s); {summary}{where}")
 
 
 # Rank r of a torchrun launch seeds with seed + r x this: its own games and random numbers, far
@@ -1297,23 +1272,20 @@ class Ranks:
             here = torch.zeros(1, device=self.device_of_collectives)
             self.collective(lambda: dist.all_reduce(here))
 
-    def agree_to_stop(self, stop: StopFlag) -> bool:
-        """Whether any rank got Ctrl-C or SIGTERM; then every rank stops as if it had got it too."""
+    def agree_on_signal(self, signum: int | None) -> int | None:
+        """The stop signal of this rank, else of any other (None: none got one): Ctrl-C or SIGTERM
+        to one rank stops every rank at the same iteration."""
         if self.world == 1:
-            return stop.requested
-        signum = torch.tensor([stop.signum or 0], device=self.device_of_collectives)
-        self.collective(lambda: dist.all_reduce(signum, op=dist.ReduceOp.MAX))
-        if signum.item() and not stop.requested:
-            stop.signum = int(signum.item())
-        return stop.requested
+            return signum
+        agreed = torch.tensor([signum or 0], device=self.device_of_collectives)
+        self.collective(lambda: dist.all_reduce(agreed, op=dist.ReduceOp.MAX))
+        return signum or int(agreed.item()) or None
 
-    def check_identical(self, module: nn.Module) -> None:
+    def check_identical(self, state_dict: dict[str, torch.Tensor]) -> None:
         """After training, check that every rank holds the same parameters, bit for bit."""
         if self.world == 1:
             return
-        flat = torch.cat(
-            [tensor.detach().flatten().float() for tensor in module.state_dict().values()]
-        )
+        flat = torch.cat([tensor.detach().flatten().float() for tensor in state_dict.values()])
         lowest, highest = flat.clone(), flat.clone()
         self.collective(lambda: dist.all_reduce(lowest, op=dist.ReduceOp.MIN))
         self.collective(lambda: dist.all_reduce(highest, op=dist.ReduceOp.MAX))
@@ -1338,76 +1310,76 @@ class Ranks:
 
 
 class MainRun(Run):
-    """Rank 0's `Run`, whose exits the other ranks wait for (see `RankRun`); its TensorBoard log is
-    closed before any exit, also the hard one of a lost collective."""
+    """Rank 0's `Run`: the other ranks wait at a barrier for its saves before they exit alike (see
+    `RankRun`), and its TensorBoard log is closed before any exit, also the hard one of a lost
+    collective. Alone, it is the plain `Run` (every collective returns at once)."""
 
-    def __init__(self, ranks: Ranks, *args):
-        super().__init__(*args)
+    def __init__(self, args: Args, total_steps: int, ranks: Ranks):
+        if args.resume and ranks.world > 1:  # before anything is written into the run's folder
+            saved_step = load_checkpoint(args.resume)["global_step"]
+            check_resume_step(saved_step, args.batch_size, ranks.world)
+        super().__init__(args, total_steps)
         self.ranks = ranks
         ranks.before_hard_exit = self.writer.close
 
-    def stop_if_not_finite(self, finite: bool, state: Callable[[], dict], global_step: int) -> None:
-        if finite:
-            return
-        try:
-            super().stop_if_not_finite(finite, state, global_step)  # saves the state, exits 1
+    def end_iteration(
+        self, global_step, previous_step, scalars, state, finite=True, histograms=None
+    ) -> bool:
+        try:  # on a non-finite loss: save the state, exit 1
+            super().end_iteration(global_step, previous_step, scalars, state, finite, histograms)
         finally:
-            self.writer.close()
-            self.ranks.barrier()
+            if not finite:  # which every rank saw: they exit 1 too, once the state is saved
+                self.ranks.barrier()
+        self.signum = self.ranks.agree_on_signal(self.signum)
+        return self.signum is not None
 
-    def end_training(self, state: dict, global_step: int) -> None:
-        try:
-            super().end_training(state, global_step)  # exits 130/143 after a stop signal
+    def finish(self, state, global_step, final_evaluation) -> None:
+        self.ranks.check_identical(state["model"])
+        # Stopped by a signal that every rank agreed on (one during the evaluation is rank 0's).
+        stopped = self.signum is not None
+        try:  # save; after a stop signal, exit 128 + n, else evaluate alone
+            super().finish(state, global_step, final_evaluation)
         finally:
-            self.ranks.barrier()
+            if stopped:  # the other ranks exit 128 + n too, once the state is saved
+                self.ranks.barrier()
+        self.ranks.close()
 
 
-class RankRun:
-    """What a rank other than 0 keeps of `Run`: the stop flag, and exits that match rank 0's, once
-    rank 0 has saved what it saves there (every rank got the same verdict at the same step)."""
+class RankRun(Run):
+    """The `Run` of a rank other than 0: it logs and saves nothing, and exits where rank 0 does,
+    once rank 0 has saved what it saves there (every rank gets the same verdict at the same step:
+    a non-finite loss in the gradients' all-reduce, a stop signal in `Ranks.agree_on_signal`)."""
 
-    def __init__(self, ranks: Ranks):
-        self.ranks = ranks
-        self.stop = StopFlag()
-        self.writer = self  # so that `run.writer.add_histogram` is a no-op too
+    def __init__(self, args: Args, total_steps: int, ranks: Ranks):
+        self.args, self.ranks, self.name = args, ranks, None  # rank 0 names the run
+        self.resumed = load_checkpoint(args.resume, resume=True) if args.resume else None
+        self.start_step = 0 if self.resumed is None else self.resumed["global_step"]
+        if self.resumed is not None:
+            check_settings(args, self.resumed["args"], RESUME_MAY_CHANGE)
+            check_resume_step(self.start_step, args.batch_size, ranks.world)
+        self.signum, self.evaluating = None, False
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, self._on_signal)
 
     def log_episode(self, *args) -> None: ...
-    def log(self, *args) -> None: ...
-    def add_histogram(self, *args) -> None: ...
-    def advance(self, *args) -> None: ...
-    def checkpoint(self, *args) -> None: ...
 
-    def stop_if_not_finite(self, finite: bool, state, global_step: int) -> None:
+    def end_iteration(
+        self, global_step, previous_step, scalars, state, finite=True, histograms=None
+    ) -> bool:
         if not finite:  # rank 0 saves the state (its copy of the network is this one's)
             self.ranks.barrier()
             print(f"error: loss became non-finite at step {global_step}", file=sys.stderr)
             sys.exit(1)
+        self.signum = self.ranks.agree_on_signal(self.signum)
+        return self.signum is not None
 
-    def end_training(self, state: dict, global_step: int) -> None:
-        self.ranks.barrier()
-        if self.stop.requested:
-            sys.exit(self.stop.exit_code)
-
-
-def parse_command_line(argv: list[str] | None = None) -> Args:
-    """`parse_args`, where --eval-checkpoint may also name a folder of checkpoints: the flags left
-    out then take the settings of the folder's first checkpoint."""
-    args = tyro.cli(Args, args=argv)
-    folder = args.eval_checkpoint
-    if folder is None or not Path(folder).is_dir():
-        return parse_args(argv)
-    first = next(iter(sorted(Path(folder).glob("*.pt"))), None)
-    if first is None:  # evaluate_checkpoint_folder says what is wrong
-        return args
-    saved_args = load_checkpoint(str(first))["args"]
-    known = {field.name for field in fields(Args)}
-    defaults = Args(**{name: value for name, value in saved_args.items() if name in known})
-    defaults.resume, defaults.eval_checkpoint = None, None
-    return tyro.cli(Args, args=argv, default=defaults)
+    def finish(self, state, global_step, final_evaluation) -> None:
+        self.ranks.check_identical(state["model"])
+        if self.signum is not None:  # rank 0 saves the state, then every rank exits 128 + n
+            self.ranks.barrier()
+            sys.exit(128 + self.signum)
+        self.ranks.close()  # rank 0 goes on to evaluate alone
 
 
 if __name__ == "__main__":
-    main(parse_command_line())
-    # Spare the interpreter's exit a garbage collection over the ~170k objects torch created at
-    # import (~0.4 s): the process ends, and the OS frees its memory all at once.
-    gc.freeze()
+    main(parse_args())

@@ -209,17 +209,16 @@ def test_update_never_averages_an_empty_minibatch(kept):
         assert int(state["step"]) == 2 * min(4, len(kept))
 
 
-def test_stop_flag_sigint_and_sigterm_stop_with_their_exit_codes_and_a_second_signal_aborts(
-    monkeypatch,
-):
+def test_sigint_and_sigterm_ask_to_stop_and_a_second_signal_aborts(monkeypatch):
+    # The signal handling of every rank's Run (here a RankRun's, which opens no log).
     monkeypatch.setenv("SDL_NO_SIGNAL_HANDLERS", "1")
     saved = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
-        for signum, code in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
-            flag = ppo_atari.StopFlag()
-            assert not flag.requested
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            run = ppo_atari.RankRun(ppo_atari.Args(), 256, ranks=None)
+            assert run.signum is None
             os.kill(os.getpid(), signum)
-            assert flag.requested and flag.exit_code == code
+            assert run.signum == signum
             with pytest.raises(KeyboardInterrupt):
                 os.kill(os.getpid(), signal.SIGINT)
     finally:
@@ -512,7 +511,7 @@ def test_breakout_sigterm_saves_resumes_the_same_wandb_run_and_eval_checkpoint_r
 
     resumed = run_script(
         SCRIPT, "--resume", str(checkpoint), "--total-timesteps", str(step + 256),
-        "--eval-episodes", "1", "--capture-video", "--track",
+        "--eval-episodes", "1", "--capture-video", "--track", "--log-interval", "256",
     )  # fmt: skip
     assert resumed.returncode == 0, resumed.describe()
     assert resumed.run_dirs == [run_dir]  # same run folder, same file
@@ -522,15 +521,17 @@ def test_breakout_sigterm_saves_resumes_the_same_wandb_run_and_eval_checkpoint_r
     first, second = read_wandb_runs(resumed.workdir)
     assert first.run_id == second.run_id and first.name == second.name == run_dir.name
 
-    # The final evaluation recorded its game; --eval-checkpoint (with the saved settings) plays
-    # and records the same game again.
+    # The resumed run's final evaluation recorded its game into a folder named by its step;
+    # --eval-checkpoint (with the saved settings) plays and records the same game again.
     evaluated = run_script(SCRIPT, "--eval-checkpoint", str(checkpoint), "--capture-video")
     assert evaluated.returncode == 0, evaluated.describe()
     line = evaluated.stdout.strip().splitlines()[-1]
     assert line.startswith("eval return ") and "over 1 episodes" in line
     assert eval_figures(line) == eval_figures(resumed.stdout)
     videos = evaluated.workdir / "videos" / run_dir.name
-    assert len(list((videos / "eval").rglob("*.mp4"))) == 1
+    resumed_eval = f"eval-step-{step + 256}"
+    assert sorted(path.name for path in videos.iterdir()) == ["eval-checkpoint", resumed_eval]
+    assert len(list((videos / resumed_eval).rglob("*.mp4"))) == 1
     assert len(list((videos / "eval-checkpoint").rglob("*.mp4"))) == 1
 
 
@@ -750,7 +751,7 @@ def test_folder_of_another_scripts_or_games_checkpoints_is_refused_through_the_c
     ):
         (in_tmp / "empty").mkdir(exist_ok=True)
         with pytest.raises(SystemExit) as exit_info:
-            ppo_atari.main(ppo_atari.parse_command_line(list(argv)))
+            ppo_atari.main(ppo_atari.parse_args(list(argv)))
         assert exit_info.value.code == 2, argv
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], (argv, err)
@@ -760,9 +761,7 @@ def test_folder_of_another_scripts_or_games_checkpoints_is_refused_through_the_c
     torch.save({**base, "env_id": "ALE/Pong-v5", "args": pong}, folder / "p_000000000064.pt")
     with pytest.raises(SystemExit) as exit_info:
         ppo_atari.main(
-            ppo_atari.parse_command_line(
-                ["--eval-checkpoint", str(folder), "--env-id", "ALE/Breakout-v5"]
-            )
+            ppo_atari.parse_args(["--eval-checkpoint", str(folder), "--env-id", "ALE/Breakout-v5"])
         )
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()

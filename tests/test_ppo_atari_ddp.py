@@ -175,7 +175,7 @@ def ppo_loss(*args):
 
 if os.environ["RANK"] == "{rank}":
     original, ppo_atari.ppo_loss = ppo_atari.ppo_loss, ppo_loss
-ppo_atari.main(ppo_atari.parse_command_line())
+ppo_atari.main(ppo_atari.parse_args())
 """
 
 
@@ -205,11 +205,11 @@ def test_a_lost_collective_closes_rank_0s_log_before_the_hard_exit(tmp_path, mon
         monkeypatch.delenv(name, raising=False)
     saved = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
     ranks = ppo_atari.Ranks(want_cuda=False)
-    run = ppo_atari.MainRun(ranks, ppo_atari.Args(), "run", 1000, 0)
+    run = ppo_atari.MainRun(ppo_atari.Args(), 1000, ranks)
     for signum, handler in saved.items():
         signal.signal(signum, handler)
     for step in range(300):
-        run.log({"charts/SPS": 1.0}, step)
+        run.writer.add_scalar("charts/SPS", 1.0, step)
 
     def hard_exit(code):
         raise SystemExit(code)
@@ -233,11 +233,8 @@ def test_alone_it_is_rank_0_of_1_and_the_collectives_do_nothing(monkeypatch):
     gradients = [torch.tensor([1.0, 2.0]), torch.tensor([[3.0]])]
     ranks.average(gradients)
     assert gradients[0].tolist() == [1.0, 2.0] and gradients[1].tolist() == [[3.0]]
-    stop = ppo_atari.StopFlag.__new__(ppo_atari.StopFlag)
-    stop.signum = None
-    assert ranks.agree_to_stop(stop) is False
-    stop.signum = signal.SIGTERM
-    assert ranks.agree_to_stop(stop) is True
+    assert ranks.agree_on_signal(None) is None
+    assert ranks.agree_on_signal(signal.SIGTERM) == signal.SIGTERM
     assert ranks.local_device(torch.device("cpu")) == torch.device("cpu")
     assert not torch.distributed.is_initialized()
 
