@@ -535,6 +535,41 @@ def test_breakout_sigterm_saves_resumes_the_same_wandb_run_and_eval_checkpoint_r
     assert len(list((videos / "eval-checkpoint").rglob("*.mp4"))) == 1
 
 
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_during_the_final_evaluation_ends_it_with_the_signal_status(
+    run_script, signum, code
+):
+    """After training the checkpoint is saved: a signal ends the evaluation and the process, with
+    128 + the signal's number, rather than being noted and ignored."""
+
+    def training_ended(workdir):
+        return any(workdir.glob("runs/*/ppo_atari.pt"))
+
+    # Two games of Pong at random level last seconds: the signal lands while they play.
+    result = run_script(
+        SCRIPT, "--env-id", "ALE/Pong-v5", "--total-timesteps", "256", "--num-steps", "32",
+        "--eval-episodes", "2", "--checkpoint-freq", "0",
+        interrupt_when=training_ended, interrupt_signals=(signum,),
+    )  # fmt: skip
+    assert result.returncode == code, result.describe()
+    name = signal.Signals(signum).name
+    assert f"{name}: the final evaluation was stopped at step 256" in result.stderr
+    assert "Traceback" not in result.stderr and "done:" not in result.stdout
+    (checkpoint,) = result.checkpoints()
+    assert torch.load(checkpoint, weights_only=True)["global_step"] == 256
+
+
+def test_a_resumed_run_records_its_evaluation_into_a_folder_of_its_own(in_tmp, capsys):
+    run_main("--env-id", "BreakoutNoFrameskip-v4", *TINY, "--capture-video", "--torch-threads", "1")
+    (checkpoint,) = in_tmp.glob("runs/*/ppo_atari.pt")
+    run_main("--resume", str(checkpoint), "--total-timesteps", "512")
+    assert "Overwriting" not in capsys.readouterr().err
+    videos = in_tmp / "videos" / checkpoint.parent.name
+    assert sorted(path.name for path in videos.iterdir()) == ["eval", "eval-step-512"]
+    assert len(list((videos / "eval").glob("*.mp4"))) == 1
+    assert len(list((videos / "eval-step-512").glob("*.mp4"))) == 1
+
+
 def test_non_finite_loss_stops_with_a_saved_state(in_tmp, capsys):
     with pytest.raises(SystemExit) as exit_info:
         run_main(
@@ -768,29 +803,34 @@ def test_folder_of_another_scripts_or_games_checkpoints_is_refused_through_the_c
     assert len(err) == 1 and "--env-id is 'ALE/Breakout-v5' but the checkpoint" in err[0], err
 
 
-def test_three_periodic_checkpoints_then_the_folder_evaluation_draws_the_curve(run_script):
-    trained = run_script(
-        SCRIPT, "--env-id", "BreakoutNoFrameskip-v4", "--num-envs", "2", "--num-steps", "32",
+def test_three_periodic_checkpoints_then_the_folder_evaluation_draws_the_curve(in_tmp, capsys):
+    """--eval-checkpoint FOLDER: every kept checkpoint in step order, each with the figures that
+    --eval-checkpoint gives it alone, and the random policy on the same games."""
+    run_main(
+        "--env-id", "BreakoutNoFrameskip-v4", "--num-envs", "2", "--num-steps", "32",
         "--total-timesteps", "192", "--checkpoint-freq", "64", "--log-interval", "64",
-        "--eval-episodes", "2",
+        "--eval-episodes", "2", "--torch-threads", "1",
     )  # fmt: skip
-    assert trained.returncode == 0, trained.describe()
-    (run_dir,) = trained.run_dirs
-    folder = run_dir / "checkpoints"
-    names = sorted(path.name for path in folder.iterdir())
-    assert names == [f"ppo_atari_{step:012d}.pt" for step in (64, 128, 192)]
+    trained = capsys.readouterr().out
+    (folder,) = in_tmp.glob("runs/*/checkpoints")
+    kept = sorted(folder.iterdir())
+    assert [path.name for path in kept] == [f"ppo_atari_{step:012d}.pt" for step in (64, 128, 192)]
+    alone = []
+    for path in kept:
+        run_main("--eval-checkpoint", str(path))
+        alone.append(eval_figures(capsys.readouterr().out))
+    # The last kept checkpoint is the trained agent: the same games as the run's end.
+    assert alone[-1] == eval_figures(trained)
 
-    evaluated = run_script(SCRIPT, "--eval-checkpoint", str(folder))
-    assert evaluated.returncode == 0, evaluated.describe()
-    rows = [line.split() for line in evaluated.stdout.splitlines() if " ± " in line]
-    assert rows[0] == ["step", "mean", "±", "std", "min", "max"], evaluated.stdout
-    table = {row[0]: row for row in rows[1:]}
-    assert set(table) == {"random", "64", "128", "192"}, evaluated.stdout
-    # The last periodic checkpoint is the final state: same games, same figures as the run's end.
-    mean, std, episodes = eval_figures(trained.stdout)
-    assert (table["192"][1], table["192"][3], episodes) == (mean, std, "2")
-    csv = (folder / "eval_curve.csv").read_text().splitlines()
-    assert [line.split(",")[0] for line in csv] == ["step", "-1", "64", "128", "192"]
+    run_main("--eval-checkpoint", str(folder))
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if " ± " in line]
+    assert rows[0] == ["step", "mean", "±", "std", "min", "max"]
+    assert [row[0] for row in rows[1:]] == ["random", "64", "128", "192"]
+    csv = [line.split(",") for line in (folder / "eval_curve.csv").read_text().splitlines()]
+    assert csv[0] == ["step", "mean", "std", "min", "max", "episodes"]
+    assert [row[0] for row in csv[1:]] == ["-1", "64", "128", "192"]
+    for row, (mean, std, episodes) in zip(csv[2:], alone, strict=True):
+        assert (f"{float(row[1]):.2f}", f"{float(row[2]):.2f}", row[5]) == (mean, std, episodes)
     assert (folder / "eval_curve.png").stat().st_size > 10_000
 
 
