@@ -1,48 +1,23 @@
 """Proximal Policy Optimisation (Gaussian policy, GAE) flying a quadrotor along a figure-eight.
 
-Trains a continuous-action PPO agent on crazyflow's `DroneFigureEightTrajectory-v0`: a JAX
-simulation of the Crazyflie that steps a thousand drones in one call. The policy commands roll,
-pitch and collective thrust (attitude control, rescaled to [-1, 1] by crazyflow's NormalizeActions;
-the yaw command is held at 0) and is rewarded for staying close to a reference point that moves
-along the figure-eight x = sin t, z = 1 + 0.5 sin 2t; it sees its position, attitude, velocities
-and the position errors to the next ten reference points. The implementation is the well-known PPO
-recipe for continuous control: separate tanh actor and critic MLPs with orthogonal initialisation,
-a state-independent log-std, running observation normalisation, GAE, advantage normalisation,
-clipped policy and value losses, entropy bonus, global gradient clipping, learning-rate decay and
-an optional target-KL stop. The defaults start from a course setting (1024 drones, control at
-50 Hz, γ 0.9, 16-step rollouts, an attitude penalty in the training reward) with a cheaper update,
-10 epochs of 8 minibatches rather than 15 of 16, spent on a longer budget of 1.6M steps.
+A continuous-action PPO agent on crazyflow's DroneFigureEightTrajectory-v0, a JAX simulation of the
+Crazyflie that steps a thousand drones in one call. The policy commands roll, pitch and thrust (yaw
+held at 0) and is rewarded for staying close to a point that moves along the figure-eight; separate
+tanh actor and critic MLPs, a state-independent log-std and running observation normalisation.
 
 Run:
-    python ppo_drone.py                      # train, evaluate, save runs/<run>/ppo_drone.pt
-    python ppo_drone.py --resume runs/<run>/ppo_drone.pt           # continue an interrupted run
-    python ppo_drone.py --eval-checkpoint runs/<run>/ppo_drone.pt --capture-video  # mp4 + plot
-    tensorboard --logdir runs
+    python ppo_drone.py                                              # train, evaluate, save
+    python ppo_drone.py --resume runs/<run>/ppo_drone.pt             # continue a stopped run
+    python ppo_drone.py --eval-checkpoint runs/<run>/ppo_drone.pt --capture-video  # mp4 and plot
+    python ppo_drone.py --eval-checkpoint runs/<run>/checkpoints     # the evaluation curve
 
-Expect: the deterministic policy flies the whole 10 s figure-eight without a crash. Measured on
-this project's quiet 2-core CPU with the defaults, as whole processes, seeds 42 / 123 / 456:
-63 / 57 / 61 s (1,589,248 steps, ~26k steps/s; the same seed-42 run took 74-97 s at other times
-that day), evaluation returns 488.9 / 491.2 / 484.7 (of at most 500) over 10 drones, mean
-distance to the moving reference point 0.012 / 0.009 / 0.016 m, full-episode RMSE 0.028 / 0.023 /
-0.029 m. Most of the RMSE is the start: crazyflow starts each drone ~0.22 m from the reference,
-and over 64 evaluation flights of seed 42 the first 10 steps (0.2 s) hold ~80% of the squared
-error: median RMSE 0.024 m over the whole flight, 0.010 m without them
-(experiments/drone_start.py). Of a 74 s run, the PPO updates took 43 s, the simulation 17 s,
-imports 4 s, building the envs and compiling 3.4 s, the final evaluation 4.9 s. The former
-course shape (15 epochs x 16 minibatches, 1M steps, one torch thread) took 106 s for
-473.7 and 0.029 m (RMSE 0.053 m) on a slower day; 10 x 8 at 1M steps took 60 s for 473.4 and
-0.029 m (RMSE 0.046 m).
-Training crashes on a plateau for ~500-600k steps, then switches to clean flight within a few
-iterations. `--capture-video` writes flight.mp4 (MuJoCo offscreen, MUJOCO_GL=egl when headless)
-and flight.png (the flown path against the figure-eight).
+Expect: the deterministic policy flies the whole 10 s figure-eight without a crash, ~0.03 m RMSE
+from the reference, after about a minute on a 2-core CPU; README.md has the measured results.
 """
 
 from __future__ import annotations
 
 import contextlib
-import difflib
-import gc
-import hashlib
 import io
 import math
 import os
@@ -64,7 +39,6 @@ with contextlib.redirect_stdout(io.StringIO()):
 import gymnasium as gym
 import jax
 import jax.numpy as jnp
-import mujoco
 import numpy as np
 import torch
 import torch.nn as nn
@@ -78,9 +52,6 @@ from torch.distributions import Normal
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-# Checkpoints name their kind rather than this file's name, so that a renamed copy of the script
-# still loads its own checkpoints.
-CHECKPOINT_KIND = "ppo-gaussian-mlp/2"
 # crazyflow simulates at 500 Hz and runs SIM_FREQ / env_freq physics steps per env step.
 SIM_FREQ = 500
 # Position of the yaw command in crazyflow's attitude command (roll, pitch, yaw, thrust).
@@ -96,11 +67,9 @@ class Args:
     torch_deterministic: bool = True
     """make cuDNN deterministic (cudnn.deterministic=True, cudnn.benchmark=False)"""
     cuda: bool = True
-    """use a GPU when one is present, for both the simulation (JAX) and the networks (torch)"""
+    """use a GPU when one is present, for the simulation (JAX) and the networks (torch)"""
     torch_threads: int = 2
-    """CPU threads for torch (2, one per core of a 2-core CPU: on a quiet machine the default run's
-    PPO updates took 43.0 s against 55.7 s with one thread, the whole process 73.8 s against 84.9 s;
-    on a CPU crowded by other jobs one thread is faster; the simulation keeps JAX's own threads)"""
+    """CPU threads for torch (the simulation keeps JAX's own threads)"""
     track: bool = False
     """log the run to Weights & Biases (works offline with WANDB_MODE=offline)"""
     wandb_project_name: str = "rl-scripts"
@@ -112,28 +81,26 @@ class Args:
     capture_video: bool = False
     """render one evaluation flight to mp4 and plot its path (PNG) under videos/<run_name>/"""
     save_model: bool = True
-    """save the checkpoint runs/<run_name>/<exp_name>.pt (at the end, periodically, on Ctrl-C)"""
+    """save the checkpoint runs/<run_name>/<exp_name>.pt (at the end, periodically, on a signal)"""
     checkpoint_freq: int = 200_000
-    """also save a checkpoint every this many environment steps, each kept in
-    runs/<run_name>/checkpoints/ with the trained agent at the end (0: none of them)"""
+    """also checkpoint every this many env steps, each kept in runs/<run>/checkpoints/ (0: off)"""
     log_interval: int = 16_384
     """write the loss statistics every this many environment steps"""
     resume: str | None = None
-    """path of a checkpoint to continue training from (with its settings)"""
+    """path of a checkpoint to continue training from (with the checkpoint's settings)"""
     eval_checkpoint: str | None = None
-    """path of a checkpoint to evaluate for --eval-episodes episodes, then exit"""
+    """a checkpoint to evaluate, or a folder of them to draw the evaluation curve of; then exit"""
     eval_episodes: int = 10
-    """episodes of the final deterministic evaluation (and of --eval-checkpoint)"""
+    """episodes of the final deterministic evaluation and of --eval-checkpoint"""
+
     env_id: str = "DroneFigureEightTrajectory-v0"
     """a crazyflow environment (DroneFigureEightTrajectory-v0, DroneReachPos-v0, ...)"""
     total_timesteps: int = 1_600_000
     """environment steps to train for (summed over the drones)"""
-
     env_freq: int = 50
-    """control frequency of the environment in Hz (crazyflow's default is 500; the simulation
-    itself always runs at 500 Hz)"""
+    """control frequency in Hz (crazyflow's default is 500, the rate its simulation runs at)"""
     max_episode_time: float = 10.0
-    """episode length in seconds before truncation (an evaluation setting for --eval-checkpoint)"""
+    """episode length in seconds before truncation (--eval-checkpoint may change it)"""
     num_envs: int = 1024
     """number of drones simulated in parallel for training"""
     num_eval_envs: int = 64
@@ -141,13 +108,11 @@ class Args:
     attitude_coef: float = 0.08
     """training reward -= this x |(roll, pitch, yaw)| (rad): discourages aggressive attitudes"""
     zero_yaw: bool = True
-    """hold the yaw command at 0 and leave it out of the policy: the figure-eight does not need
-    yaw, and exploring it only adds noise"""
+    """hold the yaw command at 0 and leave it out of the policy (the figure-eight needs no yaw)"""
     learning_rate: float = 1.5e-3
-    """AdamW learning rate"""
+    """AdamW learning rate (decayed linearly with --anneal-lr)"""
     weight_decay: float = 0.01
-    """AdamW's decoupled weight decay (its default, the course's setting), on every parameter: on
-    the log-std it is a slight pull towards std 1; 0 makes the optimiser plain Adam"""
+    """AdamW's decoupled weight decay, on every parameter (0: plain Adam)"""
     anneal_lr: bool = True
     """decay the learning rate linearly over training to --lr-final-fraction of its start"""
     lr_final_fraction: float = 0.2
@@ -155,12 +120,11 @@ class Args:
     num_steps: int = 16
     """steps per environment in each rollout"""
     gamma: float = 0.9
-    """discount factor (at 50 Hz an effective horizon of about 0.2 s of flight)"""
+    """discount factor (at 50 Hz, an effective horizon of about 0.2 s of flight)"""
     gae_lambda: float = 0.95
     """lambda of generalised advantage estimation"""
-    # 10 epochs of 8 minibatches (2,048 samples each) rather than the course's 15 of 16: the update
-    # is most of the time on a CPU, and 80 gradient steps an iteration instead of 240 made a 1M-step
-    # run 1.8x faster (60 s against 106 s) for the same flight; the time saved buys 1.6M steps.
+    # 10 epochs of 8 minibatches rather than the course's 15 of 16: the update is most of the time
+    # on a CPU, and a third of the gradient steps flies as well (benchmarks/README.md).
     num_minibatches: int = 8
     """minibatches per epoch (must divide num_envs * num_steps)"""
     update_epochs: int = 10
@@ -192,31 +156,9 @@ class Args:
 
 
 @jax.jit
-def flatten_observation(obs: dict[str, jax.Array]) -> jax.Array:
-    """Concatenate the dict's entries per drone, in gymnasium's (sorted) key order."""
-    return jnp.concatenate([obs[key].reshape(obs[key].shape[0], -1) for key in sorted(obs)], axis=-1)
-
-
-@jax.jit
 def attitude_norm(quat: jax.Array) -> jax.Array:
     """|(roll, pitch, yaw)| in radians of scalar-last quaternions (crazyflow's convention)."""
     return jnp.linalg.norm(Rotation.from_quat(quat).as_euler("xyz"), axis=-1)
-
-
-@jax.jit
-def tracking_error(obs: dict[str, jax.Array]) -> jax.Array:
-    """Distance (m) to the reference point the reward is measured against.
-
-    The first three numbers of `local_samples` are the position error to the current point of the
-    trajectory, the one the step's reward exp(-2 distance) uses.
-    """
-    return jnp.linalg.norm(obs["local_samples"][:, :3], axis=-1)
-
-
-@jax.jit
-def insert_zero_yaw(actions: jax.Array) -> jax.Array:
-    """(roll, pitch, thrust) -> (roll, pitch, 0, thrust): a yaw command of 0 rad."""
-    return jnp.insert(actions, YAW, 0.0, axis=-1)
 
 
 class DroneTask(VectorWrapper):
@@ -254,68 +196,12 @@ class DroneTask(VectorWrapper):
         info = {**info, "env_reward": reward}
         if self.has_trajectory:
             info["tracking_error"] = tracking_error(obs)
-        shaped = reward - self.attitude_coef * attitude_norm(obs["quat"]) if self.attitude_coef else reward
-        return flatten_observation(obs), shaped, terminated, truncated, info
+        if self.attitude_coef:
+            reward = reward - self.attitude_coef * attitude_norm(obs["quat"])
+        return flatten_observation(obs), reward, terminated, truncated, info
 
 
-def update_mean_var(
-    mean: torch.Tensor, var: torch.Tensor, count: float, batch: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Merge a batch's moments into running (mean, var, count): Chan et al.'s parallel update."""
-    batch_mean, batch_var, batch_count = batch.mean(0), batch.var(0, unbiased=False), batch.shape[0]
-    delta = batch_mean - mean
-    total = count + batch_count
-    new_mean = mean + delta * batch_count / total
-    m2 = var * count + batch_var * batch_count + delta.square() * count * batch_count / total
-    return new_mean, m2 / total, total
-
-
-class NormalizeObservation(VectorWrapper):
-    """Running mean/std normalisation of torch observations, with statistics that can be frozen.
-
-    The statistics are updated from every observation while `update_stats` is on (training). The
-    evaluation envs get a copy of the training statistics and keep them frozen (`sync_envs`), and
-    the checkpoint carries them: a policy only flies well on inputs scaled as in its training.
-    """
-
-    def __init__(self, env: VectorEnv, device: torch.device, epsilon: float = 1e-8):
-        super().__init__(env)
-        shape = env.single_observation_space.shape
-        self.mean = torch.zeros(shape, device=device)
-        self.var = torch.ones(shape, device=device)
-        self.count = 1e-4
-        self.epsilon = epsilon
-        self.update_stats = True
-
-    def normalize(self, obs: torch.Tensor) -> torch.Tensor:
-        if self.update_stats:
-            self.mean, self.var, self.count = update_mean_var(self.mean, self.var, self.count, obs)
-        return (obs - self.mean) / torch.sqrt(self.var + self.epsilon)
-
-    def reset(self, *, seed: int | None = None, options: dict | None = None):
-        obs, info = self.env.reset(seed=seed, options=options)
-        return self.normalize(obs), info
-
-    def step(self, actions: torch.Tensor):
-        obs, reward, terminated, truncated, info = self.env.step(actions)
-        return self.normalize(obs), reward, terminated, truncated, info
-
-    def state_dict(self) -> dict:
-        return {"mean": self.mean.cpu(), "var": self.var.cpu(), "count": float(self.count)}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.mean = state["mean"].to(self.mean.device, self.mean.dtype)
-        self.var = state["var"].to(self.var.device, self.var.dtype)
-        self.count = float(state["count"])
-
-
-def sync_envs(train_envs: NormalizeObservation, eval_envs: NormalizeObservation) -> None:
-    """Give the evaluation envs the training envs' normalisation statistics, frozen."""
-    eval_envs.load_state_dict(train_envs.state_dict())
-    eval_envs.update_stats = False
-
-
-def make_envs(args: Args, num_envs: int, jax_device: str, torch_device: torch.device) -> NormalizeObservation:
+def make_envs(args: Args, num_envs: int, jax_device: str, device: torch.device):
     """All drones in one JAX simulation, seen from torch with normalised flat observations.
 
     crazyflow's envs are natively vectorised (`vector_entry_point`): one `step` advances every
@@ -323,33 +209,13 @@ def make_envs(args: Args, num_envs: int, jax_device: str, torch_device: torch.de
     after an episode ends returns the reset observation with a plausible reward and no done flag;
     `main` masks those steps out of the rollout.
     """
-    # crazyflow builds its MuJoCo model from a spec without a name prefix, and MuJoCo warns (in C,
-    # straight to stderr) that such a model may not save correctly; it is never saved here. Route
-    # MuJoCo's warnings through Python's warnings module so that exactly this one is silenced.
-    mujoco.set_mju_user_warning(lambda message: warnings.warn(message, stacklevel=2))
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Attaching a spec with an empty prefix")
-        try:
-            envs = gym.make_vec(
-                args.env_id,
-                num_envs=num_envs,
-                freq=args.env_freq,
-                max_episode_time=args.max_episode_time,
-                device=jax_device,
-            )
-        except (ValueError, TypeError) as error:
-            fail(f"cannot build {args.env_id} with these settings: {error}")
-    if not isinstance(envs.single_action_space, gym.spaces.Box) or len(envs.single_action_space.shape) != 1:
-        fail(f"{args.env_id} actions are {envs.single_action_space}; this script needs a 1-D Box")
-    if args.zero_yaw and envs.single_action_space.shape != (4,):
-        fail(
-            f"--zero-yaw needs the 4-number attitude command; {args.env_id} takes "
-            f"{envs.single_action_space} (pass --no-zero-yaw)"
-        )
-    envs = NormalizeActions(envs)
+    envs = crazyflow_vector_env(args, num_envs, jax_device)
+    envs = NormalizeActions(envs)  # the policy's [-1, 1] onto the attitude command's range
     envs = DroneTask(envs, args.attitude_coef, args.zero_yaw)
-    envs = JaxToTorch(envs, device=torch_device)
-    return NormalizeObservation(envs, torch_device)
+    envs = JaxToTorch(envs, device=device)
+    # Running mean/std normalisation of the observations (NormalizeObservation, after the banner);
+    # the checkpoint carries its statistics, and evaluation restores them frozen.
+    return NormalizeObservation(envs, device)
 
 
 # Copied from ppo_cartpole.py: layer_init
@@ -393,45 +259,27 @@ class Agent(nn.Module):
         return self.critic(obs).squeeze(-1)
 
     def get_action_and_value(self, obs: torch.Tensor, action: torch.Tensor | None = None):
-        """Sample an action (or score a given one): action, log-prob, entropy, value.
-
-        The action dimensions are independent: log-prob and entropy are sums over them.
-        """
-        mean = self.actor_mean(obs)
-        distribution = Normal(mean, self.actor_logstd.exp(), validate_args=False)
+        """Sample an action (or score a given one): action, log-prob, entropy, value. The action
+        dimensions are independent: log-prob and entropy are sums over them."""
+        distribution = Normal(self.actor_mean(obs), self.actor_logstd.exp(), validate_args=False)
         if action is None:
             action = distribution.sample()
-        return (
-            action,
-            distribution.log_prob(action).sum(-1),
-            distribution.entropy().sum(-1),
-            self.get_value(obs),
-        )
+        log_prob, entropy = distribution.log_prob(action).sum(-1), distribution.entropy().sum(-1)
+        return action, log_prob, entropy, self.get_value(obs)
 
     def deterministic_action(self, obs: torch.Tensor) -> torch.Tensor:
         return self.actor_mean(obs)
 
 
 # Copied from ppo_cartpole.py: compute_gae
-def compute_gae(
-    rewards: torch.Tensor,
-    values: torch.Tensor,
-    terminated: torch.Tensor,
-    episode_ended: torch.Tensor,
-    gamma: float,
-    gae_lambda: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def compute_gae(rewards, values, terminated, episode_ended, gamma: float, gae_lambda: float):
     """Generalised advantage estimation over a (T, N) rollout; returns (advantages, returns).
 
-    `values` has T + 1 rows: V(s_0) ... V(s_T), the last being the value of the observation after
-    the final step. With next-step autoreset the observation after an episode's last step is its
-    final observation, so `values[t + 1]` is V(final obs) exactly where a *truncated* episode must
-    be bootstrapped from it. Hence:
-      - `terminated[t]` (the MDP ended) removes the bootstrap term: nothing follows a terminal state;
-      - `episode_ended[t]` (terminated or truncated) stops the advantage recursion, so credit never
-        flows across an episode boundary, but a truncated step still bootstraps from V(final obs).
-    The step after an episode ends (the autoreset step) gets a meaningless advantage here; the
-    caller drops it from the update.
+    `values` has T + 1 rows, the last being V(observation after the final step). With next-step
+    autoreset that is V(final obs) exactly where a *truncated* episode must be bootstrapped, so
+    `terminated` (the MDP ended) removes the bootstrap term, while `episode_ended` (terminated or
+    truncated) only stops the recursion: credit never flows across an episode boundary. The
+    autoreset step after an episode gets a meaningless advantage; the caller drops it.
     """
     num_steps = rewards.shape[0]
     advantages = torch.zeros_like(rewards)
@@ -446,19 +294,11 @@ def compute_gae(
 
 
 # Copied from ppo_cartpole.py: ppo_loss
-def ppo_loss(
-    new_logprobs: torch.Tensor,
-    old_logprobs: torch.Tensor,
-    advantages: torch.Tensor,
-    new_values: torch.Tensor,
-    old_values: torch.Tensor,
-    returns: torch.Tensor,
-    clip_coef: float,
-    clip_vloss: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def ppo_loss(new_logprobs, old_logprobs, advantages, new_values, old_values, returns,
+             clip_coef: float, clip_vloss: bool):  # fmt: skip
     """Clipped surrogate policy loss and (optionally clipped) value loss; also the ratio.
 
-    The policy loss is the negated PPO objective: max(-A r, -A clip(r, 1 - eps, 1 + eps)), i.e. a
+    The policy loss is the negated PPO objective max(-A r, -A clip(r, 1 - eps, 1 + eps)): a
     pessimistic bound that removes the incentive to move the ratio r outside [1 - eps, 1 + eps].
     """
     ratio = (new_logprobs - old_logprobs).exp()
@@ -467,90 +307,31 @@ def ppo_loss(
     policy_loss = torch.max(unclipped, clipped).mean()
     if clip_vloss:
         values_clipped = old_values + (new_values - old_values).clamp(-clip_coef, clip_coef)
-        value_loss = 0.5 * torch.max((new_values - returns) ** 2, (values_clipped - returns) ** 2).mean()
+        squared_errors = torch.max((new_values - returns) ** 2, (values_clipped - returns) ** 2)
+        value_loss = 0.5 * squared_errors.mean()
     else:
         value_loss = 0.5 * ((new_values - returns) ** 2).mean()
     return policy_loss, value_loss, ratio
 
 
-# Copied from ppo_cartpole.py: Adam
-class Adam:
-    """Adam (Kingma & Ba, 2015), computed step for step as torch.optim.Adam computes it; with
-    `weight_decay`, AdamW's decoupled weight decay (Loshchilov & Hutter, 2019), as torch.optim.AdamW.
-
-    Written out rather than taken from torch.optim: torch.optim's first call imports torch._dynamo
-    (the compiler's machinery, ~1.4 s), a third of ppo_cartpole.py's whole run when it stops
-    solved after a few thousand steps. The test suite checks it against torch.optim.Adam and AdamW.
-    """
-
-    def __init__(
-        self,
-        parameters,
-        lr: float,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 0.0,
-    ):
-        self.parameters = list(parameters)
-        self.lr, self.betas, self.eps, self.weight_decay = lr, betas, eps, weight_decay
-        # Steps taken by each parameter: one that got no gradient is not stepped (as in torch).
-        self.steps = [0] * len(self.parameters)
-        # Running averages of each parameter's gradient (first moment) and squared gradient (second).
-        self.exp_avg = [torch.zeros_like(parameter) for parameter in self.parameters]
-        self.exp_avg_sq = [torch.zeros_like(parameter) for parameter in self.parameters]
-
-    def zero_grad(self) -> None:
-        for parameter in self.parameters:
-            parameter.grad = None
-
-    @torch.no_grad()
-    def step(self) -> None:
-        beta1, beta2 = self.betas
-        for index, (parameter, exp_avg, exp_avg_sq) in enumerate(
-            zip(self.parameters, self.exp_avg, self.exp_avg_sq, strict=True)
-        ):
-            if parameter.grad is None:
-                continue
-            grad = parameter.grad
-            self.steps[index] += 1
-            if self.weight_decay:
-                # Decoupled: the weights shrink towards 0 directly, not through the gradient's moments.
-                parameter.mul_(1 - self.lr * self.weight_decay)
-            exp_avg.lerp_(grad, 1 - beta1)
-            exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-            # The averages start at 0: dividing by 1 - beta^t removes that bias from early steps.
-            bias_correction1 = 1 - beta1 ** self.steps[index]
-            bias_correction2_sqrt = (1 - beta2 ** self.steps[index]) ** 0.5
-            denominator = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(self.eps)
-            parameter.addcdiv_(exp_avg, denominator, value=-self.lr / bias_correction1)
-
-    def state_dict(self) -> dict:
-        return {"lr": self.lr, "steps": self.steps, "exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq}
-
-    def load_state_dict(self, state: dict) -> None:
-        saved = state["exp_avg"] + state["exp_avg_sq"]
-        mine = self.exp_avg + self.exp_avg_sq
-        if [tensor.shape for tensor in saved] != [tensor.shape for tensor in mine]:
-            raise ValueError("the optimiser state does not match the network's parameters")
-        for tensor, saved_tensor in zip(mine, saved, strict=True):
-            tensor.copy_(saved_tensor)
-        self.lr, self.steps = state["lr"], list(state["steps"])
+def linear_schedule(start: float, iteration: int, num_iterations: int, final_fraction: float):
+    """Value at 1-based `iteration` of a linear decay from `start` to `final_fraction * start`."""
+    return start * (1.0 - (1.0 - final_fraction) * (iteration - 1.0) / num_iterations)
 
 
-def update(agent, optimizer, args, b_obs, b_actions, b_logprobs, b_advantages, b_returns, b_values) -> dict:
-    """Several epochs of minibatch PPO over one rollout; returns the last epoch's statistics.
-
-    The rollout has lost its autoreset steps, so it may hold fewer samples than --num-minibatches:
-    empty minibatches are skipped (their mean loss would be NaN), and an empty rollout changes
-    nothing (its statistics are then only {"finite": True}).
-    """
-    if len(b_obs) == 0:
-        return {"finite": True}
-    clipfracs = []
-    stats = {}
+# Copied from ppo_cartpole.py: update
+def update(agent, optimizer, args, b_obs, b_actions, b_logprobs, b_advantages, b_returns, b_values):
+    """Several epochs of minibatch PPO over one rollout; returns the last minibatch's statistics
+    and whether the losses and the weights stayed finite."""
+    batch = len(b_obs)
+    if batch == 0:
+        return {"finite": True}  # every step of a tiny rollout was an autoreset step
+    clipfracs, stats = [], {}
     for _epoch in range(args.update_epochs):
-        permutation = torch.randperm(len(b_obs), device=b_obs.device)
+        permutation = torch.randperm(batch, device=b_obs.device)
         for minibatch in permutation.tensor_split(args.num_minibatches):
+            # Dropping the autoreset steps can leave fewer samples than minibatches: an empty
+            # minibatch has no mean loss (NaN), so it is skipped.
             if len(minibatch) == 0:
                 continue
             _, new_logprob, entropy, new_value = agent.get_action_and_value(
@@ -558,7 +339,7 @@ def update(agent, optimizer, args, b_obs, b_actions, b_logprobs, b_advantages, b
             )
             log_ratio = new_logprob - b_logprobs[minibatch]
             advantages = b_advantages[minibatch]
-            if args.norm_adv and len(advantages) > 1:
+            if args.norm_adv and len(advantages) > 1:  # one advantage has no spread (std NaN)
                 advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
             policy_loss, value_loss, ratio = ppo_loss(
                 new_logprob, b_logprobs[minibatch], advantages, new_value, b_values[minibatch],
@@ -575,71 +356,53 @@ def update(agent, optimizer, args, b_obs, b_actions, b_logprobs, b_advantages, b
             optimizer.step()
 
             with torch.no_grad():
-                # Schulman's estimators of KL(old || new): the second is unbiased, lower variance.
-                # Kept as tensors: read out once after the loop, not synchronised every minibatch.
+                # Schulman's KL(old || new) estimators: the second is unbiased, with less variance.
                 stats = {
-                    "policy_loss": policy_loss.detach(),
-                    "value_loss": value_loss.detach(),
-                    "entropy": entropy_loss.detach(),
-                    "old_approx_kl": (-log_ratio).mean(),
-                    "approx_kl": ((ratio - 1) - log_ratio).mean(),
-                    "ratio_mean": ratio.mean(),
-                    "ratio_max": ratio.max(),
+                    "policy_loss": policy_loss.item(),
+                    "value_loss": value_loss.item(),
+                    "entropy": entropy_loss.item(),
+                    "old_approx_kl": (-log_ratio).mean().item(),
+                    "approx_kl": ((ratio - 1) - log_ratio).mean().item(),
+                    "ratio_mean": ratio.mean().item(),
+                    "ratio_max": ratio.max().item(),
                 }
-                clipfracs.append(((ratio - 1.0).abs() > args.clip_coef).float().mean())
+                clipfracs.append(((ratio - 1.0).abs() > args.clip_coef).float().mean().item())
         if args.target_kl is not None and stats["approx_kl"] > args.target_kl:
             break
-    stats = {key: value.item() for key, value in stats.items()}
-    stats["clipfrac"] = torch.stack(clipfracs).mean().item()
-    stats["finite"] = True
+    stats["clipfrac"] = float(np.mean(clipfracs))
+    stats["explained_variance"] = explained_variance(b_values, b_returns)
+    stats["finite"] = all(parameter.isfinite().all() for parameter in agent.parameters())
     return stats
-
-
-def linear_schedule(start: float, iteration: int, num_iterations: int, final_fraction: float = 0.0) -> float:
-    """Value at 1-based `iteration` of a linear decay from `start` to `final_fraction * start`."""
-    return start * (1.0 - (1.0 - final_fraction) * (iteration - 1.0) / num_iterations)
-
-
-# Copied from ppo_cartpole.py: explained_variance
-def explained_variance(predictions: torch.Tensor, targets: torch.Tensor) -> float:
-    """1 - Var(targets - predictions) / Var(targets): 1 is perfect, 0 is no better than a mean."""
-    target_variance = targets.var()
-    if target_variance == 0:
-        return float("nan")
-    return float(1.0 - (targets - predictions).var() / target_variance)
 
 
 def main(args: Args) -> None:
     validate(args)
     if args.eval_checkpoint:
-        evaluate_checkpoint(args)
-        return
-    checkpoint = load_checkpoint(args.resume) if args.resume else None
-    if checkpoint is not None:
-        check_settings(args, checkpoint["args"], RESUME_MAY_CHANGE)
-        run_name, global_step = checkpoint["run_name"], checkpoint["global_step"]
-    else:
-        run_name = f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"
-        global_step = 0
-    start_iteration = global_step // args.batch_size + 1
-    run = Run(args, run_name, total_steps=args.num_iterations * args.batch_size, global_step=global_step)
-    # A resumed run reseeds with an offset so that it does not replay the random stream of its start.
-    seed = args.seed + start_iteration - 1
+        return evaluate_checkpoint(args)
+    # The run's name, loggers, progress bar and stop signals; with --resume, the saved state.
+    run = Run(args, total_steps=args.num_iterations * args.batch_size)
+    global_step, start_iteration = run.start_step, run.start_step // args.batch_size + 1
+    # A resumed run reseeds with an offset so it does not replay the random stream of its start.
+    seed = args.seed + (start_iteration - 1)
     seed_everything(seed, args.torch_deterministic)
     device = pick_device(args.cuda, args.torch_threads)
     jax_device = pick_jax_device(device)
 
     envs = make_envs(args, args.num_envs, jax_device, device)
-    agent = build_agent(envs, args.hidden_size, device)
-    optimizer = Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, weight_decay=args.weight_decay)
-    if checkpoint is not None:
-        restore(checkpoint, agent, optimizer, envs)
+    obs_dim, action_dim = envs.single_observation_space.shape[0], envs.single_action_space.shape[0]
+    agent = Agent(obs_dim, action_dim, args.hidden_size).to(device)
+    # eps=1e-5 rather than 1e-8, as in the reference PPO implementation. The weight decay is on
+    # every parameter: on the log-std it is a slight pull towards std 1.
+    optimizer = torch.optim.AdamW(
+        agent.parameters(), lr=args.learning_rate, eps=1e-5, weight_decay=args.weight_decay
+    )
+    run.restore(model=agent, optimizer=optimizer, obs_rms=envs)  # with --resume
 
     def training_state() -> dict:
         return {
             "kind": CHECKPOINT_KIND,
             "env_id": args.env_id,
-            "run_name": run_name,
+            "run_name": run.name,
             "args": asdict(args),
             "global_step": global_step,
             "model": agent.state_dict(),
@@ -647,30 +410,30 @@ def main(args: Args) -> None:
             "obs_rms": envs.state_dict(),
         }
 
-    # Rollout storage, preallocated on the device: no per-step Python lists of tensors.
-    obs_dim, action_dim = envs.single_observation_space.shape[0], envs.single_action_space.shape[0]
+    # Rollout storage, preallocated on the device: the envs hand torch tensors over as they are.
     shape = (args.num_steps, args.num_envs)
     obs = torch.zeros((*shape, obs_dim), device=device)
     actions = torch.zeros((*shape, action_dim), device=device)
     logprobs, rewards = torch.zeros(shape, device=device), torch.zeros(shape, device=device)
-    terminated, episode_ended, valid = (torch.zeros(shape, dtype=torch.bool, device=device) for _ in range(3))
+    terminated, episode_ended, valid = (
+        torch.zeros(shape, dtype=torch.bool, device=device) for _ in range(3)
+    )
     values = torch.zeros((args.num_steps + 1, args.num_envs), device=device)
 
     # Seeding the reset seeds the simulation's JAX random key (crazyflow's Sim.seed), which then
-    # draws every drone's start and every later autoreset.
-    # A resumed run restarts every flight; an uninterrupted run would not have seen these starts, so
-    # they stay out of the restored observation statistics.
-    envs.update_stats = checkpoint is None
+    # draws every drone's start and every later autoreset. A resumed run restarts every flight; an
+    # uninterrupted run would not have seen these starts, so they stay out of the statistics.
+    envs.update_stats = run.resumed is None
     next_obs, _ = envs.reset(seed=seed)
     envs.update_stats = True
     # True where the env's previous step ended an episode: its next step is the autoreset step.
     next_is_autoreset = torch.zeros(args.num_envs, dtype=torch.bool, device=device)
-    episodes = FlightStats(args.num_envs, device)
+    flights = FlightStats(args.num_envs, device)
 
     for iteration in range(start_iteration, args.num_iterations + 1):
         previous_step = global_step
         if args.anneal_lr:
-            optimizer.lr = linear_schedule(
+            optimizer.param_groups[0]["lr"] = linear_schedule(
                 args.learning_rate, iteration, args.num_iterations, args.lr_final_fraction
             )
 
@@ -687,7 +450,7 @@ def main(args: Args) -> None:
             actions[step] = action
             next_obs, rewards[step], terminated[step], truncated, info = envs.step(action)
             next_is_autoreset = episode_ended[step] = terminated[step] | truncated
-            episodes.step(info, valid[step], next_is_autoreset)
+            flights.step(info, valid[step], next_is_autoreset)
 
         with torch.inference_mode():
             # After the last step: V(next obs), which is V(final obs) where an episode just ended.
@@ -698,44 +461,44 @@ def main(args: Args) -> None:
 
         # Flatten the rollout and drop the autoreset steps.
         keep = valid.reshape(-1)
-        b_obs, b_actions = obs.reshape(-1, obs_dim)[keep], actions.reshape(-1, action_dim)[keep]
-        b_logprobs, b_advantages = logprobs.reshape(-1)[keep], advantages.reshape(-1)[keep]
-        b_returns, b_values = returns.reshape(-1)[keep], values[:-1].reshape(-1)[keep]
+        b_obs, b_actions, b_logprobs, b_advantages, b_returns, b_values = (
+            tensor.flatten(0, 1)[keep]
+            for tensor in (obs, actions, logprobs, advantages, returns, values[:-1])
+        )
         stats = update(
             agent, optimizer, args, b_obs, b_actions, b_logprobs, b_advantages, b_returns, b_values
         )
 
-        finite = stats["finite"] and all(p.isfinite().all() for p in agent.parameters())
-        run.stop_if_not_finite(finite, training_state, global_step)
-        episodes.log(run, global_step)
-        if crossed(args.log_interval, global_step, previous_step) and len(b_returns) > 1:
-            losses = {f"losses/{key}": value for key, value in stats.items() if key != "finite"}
-            losses["losses/explained_variance"] = explained_variance(b_values, b_returns)
-            run.log({**losses, "charts/learning_rate": optimizer.lr}, global_step)
-            if crossed(10 * args.log_interval, global_step, previous_step):
-                run.writer.add_histogram("losses/advantages", b_advantages, global_step)
-        run.advance(global_step)
-        run.checkpoint(training_state, global_step, previous_step)
-        if run.stop.requested:
+        # The iteration's finished episodes as one mean: with a thousand drones that start
+        # together, hundreds of episodes end on the same step.
+        finished, scalars = flights.summary()
+        if finished is not None:
+            run.log_episode(*finished, global_step)
+        # Logging, the NaN check, the progress bar, checkpoints and stop signals.
+        scalars |= {f"losses/{key}": value for key, value in stats.items() if key != "finite"}
+        scalars["charts/learning_rate"] = optimizer.param_groups[0]["lr"]
+        histograms = {"losses/advantages": b_advantages}
+        if run.end_iteration(
+            global_step, previous_step, scalars, training_state, stats["finite"], histograms
+        ):
             break
-
-    run.end_training(training_state(), global_step)
-    # Separate evaluation drones, with the training statistics copied in and frozen.
-    eval_envs = make_envs(args, args.num_eval_envs, jax_device, device)
-    sync_envs(envs, eval_envs)
     envs.close()
-    video_folder = Path("videos") / run_name / "eval" if args.capture_video else None
-    eval_returns, eval_errors, eval_rmses = evaluate(
-        agent, eval_envs, args.eval_episodes, args.seed + EVAL_SEED_OFFSET, video_folder
-    )
-    eval_envs.close()
-    for episode, (episode_return, error, rmse) in enumerate(
-        zip(eval_returns, eval_errors, eval_rmses, strict=True)
-    ):
-        run.log({"eval/episodic_return": episode_return}, episode)
-        if not np.isnan(error):
-            run.log({"eval/tracking_error": error, "eval/tracking_rmse": rmse}, episode)
-    run.finish(global_step, eval_summary(eval_returns, eval_errors, eval_rmses))
+
+    def final_evaluation(video_folder: str | None) -> tuple[dict[str, np.ndarray], str]:
+        """The deterministic policy on new drones, from starts that training never flew."""
+        eval_envs = make_envs(args, args.num_eval_envs, jax_device, device)
+        eval_envs.freeze(envs.state_dict())  # the training statistics, no longer updated
+        eval_seed = args.seed + EVAL_SEED_OFFSET
+        returns, errors, rmses = evaluate(
+            agent.deterministic_action, eval_envs, args.eval_episodes, eval_seed, video_folder
+        )
+        eval_envs.close()
+        per_episode = {"eval/episodic_return": returns, "eval/tracking_error": errors}
+        per_episode["eval/tracking_rmse"] = rmses
+        return per_episode, eval_summary(returns) + tracking_summary(errors, rmses)
+
+    # Save, evaluate, summarise; after Ctrl-C or SIGTERM, exit 130 or 143 instead.
+    run.finish(training_state(), global_step, final_evaluation)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -743,8 +506,25 @@ def main(args: Args) -> None:
 # A first reading can stop here: nothing below changes what the algorithm computes.
 # ----------------------------------------------------------------------------------------------
 
+# Checkpoints say what they hold by this kind, not by the script's file name, so a renamed copy of
+# this script still loads its own checkpoints.
+CHECKPOINT_KIND = "ppo-gaussian-mlp/3"
+# Earlier kinds with the same network: evaluated, but not resumed (their optimiser state differs).
+EVALUATED_KINDS = ("ppo-gaussian-mlp/2",)
+CHECKPOINT_SUFFIX = ".pt"
+
+
 # Copied from ppo_cartpole.py: EVAL_SEED_OFFSET
 EVAL_SEED_OFFSET = 10_000  # evaluation envs get seed + this: episodes that training never saw
+
+
+# Copied from ppo_cartpole.py: explained_variance
+def explained_variance(predictions: torch.Tensor, targets: torch.Tensor) -> float:
+    """1 - Var(targets - predictions) / Var(targets): 1 is perfect, 0 is no better than a mean."""
+    if len(targets) < 2 or targets.var() == 0:  # no variance to explain
+        return float("nan")
+    target_variance = targets.var()
+    return float(1.0 - (targets - predictions).var() / target_variance)
 
 
 # Copied from ppo_cartpole.py: crossed
@@ -761,30 +541,41 @@ def fail(message: str) -> NoReturn:
     sys.exit(2)
 
 
-def validate(args: Args) -> None:
-    """Check every knob before any heavy work, so a typo costs a second, not a run."""
-    for name in (
-        "total_timesteps", "num_envs", "num_eval_envs", "num_steps", "num_minibatches",
-        "update_epochs", "env_freq", "eval_episodes", "torch_threads", "log_interval",
-    ):  # fmt: skip
+# Copied from ppo_cartpole.py: check_positive
+def check_positive(args: Args, *names: str) -> None:
+    for name in names:
         if getattr(args, name) <= 0:
             fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    if args.checkpoint_freq < 0:
-        fail(f"--checkpoint-freq must be >= 0, got {args.checkpoint_freq}")
+
+
+# Copied from ppo_cartpole.py: check_non_negative
+def check_non_negative(args: Args, *names: str) -> None:
+    for name in names:
+        if getattr(args, name) < 0:
+            fail(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+
+
+# Copied from ppo_cartpole.py: check_fraction
+def check_fraction(args: Args, *names: str) -> None:
+    for name in names:
+        if not 0.0 <= getattr(args, name) <= 1.0:
+            fail(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}")
+
+
+def validate(args: Args) -> None:
+    """Check every knob before any heavy work, so a typo costs a second, not a run."""
+    check_positive(
+        args, "total_timesteps", "num_envs", "num_eval_envs", "num_steps", "num_minibatches",
+        "update_epochs", "env_freq", "eval_episodes", "torch_threads", "log_interval",
+        "learning_rate", "clip_coef", "max_grad_norm", "hidden_size", "max_episode_time",
+    )  # fmt: skip
+    check_non_negative(args, "checkpoint_freq", "attitude_coef", "weight_decay")
+    check_fraction(args, "gamma", "gae_lambda", "lr_final_fraction")
     if args.batch_size % args.num_minibatches:
         fail(
             f"--num-minibatches {args.num_minibatches} does not divide the batch of "
             f"{args.batch_size} (= num_envs {args.num_envs} x num_steps {args.num_steps})"
         )
-    for name in ("gamma", "gae_lambda", "lr_final_fraction"):
-        if not 0.0 <= getattr(args, name) <= 1.0:
-            fail(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}")
-    for name in ("learning_rate", "clip_coef", "max_grad_norm", "hidden_size", "max_episode_time"):
-        if getattr(args, name) <= 0:
-            fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    for name in ("attitude_coef", "weight_decay"):
-        if getattr(args, name) < 0:
-            fail(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if SIM_FREQ % args.env_freq:
         fail(f"--env-freq {args.env_freq} must divide the simulation's {SIM_FREQ} Hz")
     if args.target_kl is not None and args.target_kl <= 0:
@@ -804,11 +595,11 @@ def crazyflow_env_ids() -> list[str]:
 
 def check_env(env_id: str) -> None:
     """Fail with suggestions for an unknown id, and with an explanation for a non-crazyflow env.
-
     This script drives crazyflow's JAX vector environments directly (one simulation of all drones,
-    JAX arrays handed to torch), so any other environment is refused up front.
-    """
+    JAX arrays handed to torch), so any other environment is refused up front."""
     if env_id not in gym.registry:
+        import difflib
+
         close = difflib.get_close_matches(env_id, list(gym.registry), n=3, cutoff=0.5)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         fail(f"unknown environment id {env_id!r}{hint}")
@@ -822,10 +613,13 @@ def check_env(env_id: str) -> None:
 # Copied from ppo_cartpole.py: parse_args
 def parse_args(argv: list[str] | None = None) -> Args:
     """The command line as Args. With --resume or --eval-checkpoint, every flag left out takes the
-    checkpoint's setting, so `--resume PATH` alone continues the run that PATH belongs to."""
+    checkpoint's setting, so `--resume PATH` alone continues the run that PATH belongs to (for a
+    folder of checkpoints, the settings of its first)."""
     args = tyro.cli(Args, args=argv)
     path = args.resume or args.eval_checkpoint
-    if path is None:
+    if path is not None and Path(path).is_dir():
+        path = next(iter(sorted(Path(path).glob(f"*{CHECKPOINT_SUFFIX}"))), None)
+    if path is None:  # (an empty folder is reported by the evaluation of the folder)
         return args
     saved_args = load_checkpoint(path)["args"]
     known = {field.name for field in fields(Args)}
@@ -834,15 +628,16 @@ def parse_args(argv: list[str] | None = None) -> Args:
     return tyro.cli(Args, args=argv, default=defaults)
 
 
-# Settings a resumed run may give anew; every other setting must match the checkpoint's, or the
-# resumed run would silently be a different experiment.
+# Flags that may differ between a run and its resumption (budget, logging, tracking, evaluation);
+# every other setting must match the checkpoint's, or the resumed run would silently be a
+# different experiment.
 RESUME_MAY_CHANGE = {
-    "total_timesteps", "resume", "eval_checkpoint", "eval_episodes", "cuda", "torch_threads", "track",
-    "wandb_project_name", "wandb_entity", "wandb_group", "capture_video", "save_model", "checkpoint_freq",
-    "log_interval", "num_eval_envs",
+    "total_timesteps", "resume", "eval_checkpoint", "eval_episodes", "cuda", "torch_threads",
+    "track", "wandb_project_name", "wandb_entity", "wandb_group", "capture_video", "save_model",
+    "checkpoint_freq", "log_interval", "num_eval_envs",
 }  # fmt: skip
 # Settings that shape the environment or the network the policy was trained for: --eval-checkpoint
-# refuses to change them (the episode length, the evaluation drones and the seed may change).
+# may not change them (the episode length, the evaluation drones and the seed may change).
 MODEL_SETTINGS = {"env_id", "env_freq", "zero_yaw", "hidden_size"}
 
 
@@ -871,7 +666,7 @@ def seed_everything(seed: int, torch_deterministic: bool) -> None:
 
 # Copied from ppo_cartpole.py: pick_device
 def pick_device(want_cuda: bool, torch_threads: int) -> torch.device:
-    """The GPU when asked for and present, else the CPU with a notice; `torch_threads` CPU threads."""
+    """The GPU when asked for and present, else the CPU with a notice; `torch_threads` threads."""
     torch.set_num_threads(torch_threads)
     if want_cuda and torch.cuda.is_available():
         return torch.device("cuda")
@@ -891,27 +686,20 @@ def pick_jax_device(torch_device: torch.device) -> str:
     return "cpu"
 
 
-def build_agent(envs: VectorEnv, hidden_size: int, device: torch.device) -> Agent:
-    obs_dim = envs.single_observation_space.shape[0]
-    action_dim = envs.single_action_space.shape[0]
-    return Agent(obs_dim, action_dim, hidden_size).to(device)
-
-
-def restore(checkpoint: dict, agent: Agent, optimizer: Adam, envs: NormalizeObservation) -> None:
-    """--resume: the checkpoint's weights, optimiser state and observation statistics."""
+# Copied from ppo_cartpole.py: restore
+def restore(checkpoint: dict, path: str, **objects) -> None:
+    """Load each object's saved state (model=agent, optimizer=...); a mismatch fails in one line."""
     try:
-        agent.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        envs.load_state_dict(checkpoint["obs_rms"])
+        for key, target in objects.items():
+            target.load_state_dict(checkpoint[key])
     except (RuntimeError, ValueError, KeyError) as error:
-        fail(f"the checkpoint does not fit this script's agent ({str(error).splitlines()[0]})")
+        fail(f"{path} does not match this network ({str(error).splitlines()[0]})")
 
 
 class FlightStats:
     """The training flights as logged: true (unshaped) episode returns and lengths, and the reward
     and tracking error per valid step, the steadier learning curves (returns arrive in bursts and
-    lag the policy). Finished episodes are logged as one mean per iteration: with a thousand
-    drones that start together, hundreds of episodes end on the same step."""
+    lag the policy). Sums on the device over an iteration, read once at its end."""
 
     def __init__(self, num_envs: int, device: torch.device):
         self.returns = torch.zeros(num_envs, device=device)
@@ -933,15 +721,18 @@ class FlightStats:
         self.lengths *= ~ended
         self.has_trajectory = "tracking_error" in info
 
-    def log(self, run: Run, global_step: int) -> None:
+    def summary(self) -> tuple[tuple[float, float] | None, dict[str, float]]:
+        """Since the last call: the finished episodes' mean (return, length), or None if none
+        finished, and the per-step means as scalars to log."""
         finished_return, finished_length, finished, reward, error, valid_steps = self.sums.tolist()
-        if finished:
-            run.log_episode(finished_return / finished, finished_length / finished, global_step)
-        if valid_steps:
-            run.log({"charts/reward_per_step": reward / valid_steps}, global_step)
-            if self.has_trajectory:
-                run.log({"charts/tracking_error": error / valid_steps}, global_step)
         self.sums.zero_()
+        episode = (finished_return / finished, finished_length / finished) if finished else None
+        scalars = {}
+        if valid_steps:
+            scalars["charts/reward_per_step"] = reward / valid_steps
+            if self.has_trajectory:
+                scalars["charts/tracking_error"] = error / valid_steps
+        return episode, scalars
 
 
 # A camera looking along the y axis at the plane of the figure-eight (x-z, centred at 1 m height).
@@ -963,7 +754,9 @@ def render_frame(envs: VectorEnv, reference: np.ndarray | None) -> np.ndarray:
         points = np.vstack([reference[::10], reference[-1:]])  # every 10th point, loop closed
         draw_line(sim, points, rgba=np.array([1.0, 0.0, 0.0, 1.0]), start_size=2.0, end_size=2.0)
     width, height = VIDEO_SIZE
-    return sim.render(mode="rgb_array", world=0, width=width, height=height, cam_config=VIDEO_CAMERA)
+    return sim.render(
+        mode="rgb_array", world=0, width=width, height=height, cam_config=VIDEO_CAMERA
+    )
 
 
 def save_flight(
@@ -994,17 +787,125 @@ def save_flight(
     plt.close(figure)
 
 
+def crazyflow_vector_env(args: Args, num_envs: int, jax_device: str) -> VectorEnv:
+    """crazyflow's vector env of `num_envs` drones; settings it cannot build, or an action space
+    this script cannot drive, fail in one line."""
+    import mujoco
+
+    # crazyflow builds its MuJoCo model from a spec without a name prefix, and MuJoCo warns (in C,
+    # straight to stderr) that such a model may not save correctly; it is never saved here. Route
+    # MuJoCo's warnings through Python's warnings module so that exactly this one is silenced.
+    mujoco.set_mju_user_warning(lambda message: warnings.warn(message, stacklevel=2))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Attaching a spec with an empty prefix")
+        try:
+            envs = gym.make_vec(
+                args.env_id,
+                num_envs=num_envs,
+                freq=args.env_freq,
+                max_episode_time=args.max_episode_time,
+                device=jax_device,
+            )
+        except (ValueError, TypeError) as error:
+            fail(f"cannot build {args.env_id} with these settings: {error}")
+    space = envs.single_action_space
+    if not isinstance(space, gym.spaces.Box) or len(space.shape) != 1:
+        fail(f"{args.env_id} actions are {space}; this script needs a 1-D Box")
+    if args.zero_yaw and space.shape != (4,):
+        fail(
+            f"--zero-yaw needs the 4-number attitude command; {args.env_id} takes {space} "
+            "(pass --no-zero-yaw)"
+        )
+    return envs
+
+
+# The JAX side of DroneTask, compiled: one XLA program a step rather than one call per operation.
+@jax.jit
+def flatten_observation(obs: dict[str, jax.Array]) -> jax.Array:
+    """Concatenate the dict's entries per drone, in gymnasium's (sorted) key order."""
+    return jnp.concatenate([obs[key].reshape(obs[key].shape[0], -1) for key in sorted(obs)], -1)
+
+
+@jax.jit
+def tracking_error(obs: dict[str, jax.Array]) -> jax.Array:
+    """Distance (m) to the reference point the reward is measured against: the first three numbers
+    of `local_samples` are the position error to the trajectory point of the step's reward."""
+    return jnp.linalg.norm(obs["local_samples"][:, :3], axis=-1)
+
+
+@jax.jit
+def insert_zero_yaw(actions: jax.Array) -> jax.Array:
+    """(roll, pitch, thrust) -> (roll, pitch, 0, thrust): a yaw command of 0 rad."""
+    return jnp.insert(actions, YAW, 0.0, axis=-1)
+
+
+def update_mean_var(mean: torch.Tensor, var: torch.Tensor, count: float, batch: torch.Tensor):
+    """Merge a batch's moments into running (mean, var, count): Chan et al.'s parallel update."""
+    batch_mean, batch_var, batch_count = batch.mean(0), batch.var(0, unbiased=False), len(batch)
+    delta = batch_mean - mean
+    total = count + batch_count
+    new_mean = mean + delta * batch_count / total
+    m2 = var * count + batch_var * batch_count + delta.square() * count * batch_count / total
+    return new_mean, m2 / total, total
+
+
+class NormalizeObservation(VectorWrapper):
+    """Running mean/std normalisation of torch observations, with statistics that can be frozen.
+
+    The statistics are updated from every observation while `update_stats` is on (training). The
+    checkpoint carries them, and evaluation restores them frozen: a policy only flies well on
+    inputs scaled as in its training.
+    """
+
+    def __init__(self, env: VectorEnv, device: torch.device, epsilon: float = 1e-8):
+        super().__init__(env)
+        shape = env.single_observation_space.shape
+        self.mean = torch.zeros(shape, device=device)
+        self.var = torch.ones(shape, device=device)
+        self.count = 1e-4
+        self.epsilon = epsilon
+        self.update_stats = True
+
+    def normalize(self, obs: torch.Tensor) -> torch.Tensor:
+        if self.update_stats:
+            self.mean, self.var, self.count = update_mean_var(self.mean, self.var, self.count, obs)
+        return (obs - self.mean) / torch.sqrt(self.var + self.epsilon)
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        obs, info = self.env.reset(seed=seed, options=options)
+        return self.normalize(obs), info
+
+    def step(self, actions: torch.Tensor):
+        obs, reward, terminated, truncated, info = self.env.step(actions)
+        return self.normalize(obs), reward, terminated, truncated, info
+
+    def state_dict(self) -> dict:
+        return {"mean": self.mean.cpu(), "var": self.var.cpu(), "count": float(self.count)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.mean = state["mean"].to(self.mean.device, self.mean.dtype)
+        self.var = state["var"].to(self.var.device, self.var.dtype)
+        self.count = float(state["count"])
+
+    def freeze(self, state: dict) -> None:
+        """Normalise with the statistics `state` from now on, without updating them: evaluation
+        scales a policy's inputs as its training did."""
+        self.load_state_dict(state)
+        self.update_stats = False
+
+
 @torch.inference_mode()
 def evaluate(
-    agent: Agent,
+    policy: Callable[[torch.Tensor], torch.Tensor],
     envs: NormalizeObservation,
     episodes: int,
     seed: int,
-    video_folder: Path | None = None,
+    video_folder: str | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Fly the deterministic (mean) policy; return per-episode returns, mean tracking errors (m) and
-    tracking RMSEs (m): the mean and the root mean square of the distance to the reference point
-    over the episode's steps. The RMSE weighs large excursions more, and is never below the mean.
+    """Fly `policy` (observations -> actions); return per-episode returns, mean tracking errors (m)
+    and tracking RMSEs (m): the mean and the root mean square of the distance to the reference
+    point over the episode's steps. The RMSE weighs large excursions more, and is never below the
+    mean.
 
     Every drone flies its first episode after a reset, in rounds, until `episodes` are done; the
     episodes counted are those of the lowest-numbered drones, not the first to finish (that would
@@ -1031,7 +932,7 @@ def evaluate(
                 path.append(np.asarray(envs.unwrapped.sim.data.states.pos[0, 0]))
                 if (len(path) - 1) % frame_stride == 0:
                     frames.append(render_frame(envs, reference))
-            obs, _, terminated, truncated, info = envs.step(agent.deterministic_action(obs))
+            obs, _, terminated, truncated, info = envs.step(policy(obs))
             # Drones whose episode is over keep flying (autoreset) but no longer count.
             episode_return += info["env_reward"] * flying
             if "tracking_error" in info:
@@ -1044,55 +945,215 @@ def evaluate(
                 recording = False
             flying &= ~(terminated | truncated)
         returns.append(episode_return)
-        no_reference = torch.full_like(length, float("nan"))
-        errors.append(error_sum / length if "tracking_error" in info else no_reference)
-        rmses.append((squared_error_sum / length).sqrt() if "tracking_error" in info else no_reference)
+        if "tracking_error" in info:
+            errors.append(error_sum / length)
+            rmses.append((squared_error_sum / length).sqrt())
+        else:
+            errors.append(torch.full_like(length, float("nan")))
+            rmses.append(torch.full_like(length, float("nan")))
     if video_folder is not None:
-        save_flight(video_folder, frames, envs.unwrapped.freq / frame_stride, np.array(path), reference)
+        fps = envs.unwrapped.freq / frame_stride
+        save_flight(Path(video_folder), frames, fps, np.array(path), reference)
     return tuple(torch.cat(values)[:episodes].cpu().numpy() for values in (returns, errors, rmses))
 
 
-def eval_summary(returns: np.ndarray, errors: np.ndarray, rmses: np.ndarray) -> str:
-    """The sentence the final evaluation and --eval-checkpoint both print."""
-    summary = f"eval return {returns.mean():.2f} ± {returns.std():.2f} over {len(returns)} episodes"
-    if not np.isnan(errors).all():
-        summary += f", tracking error {errors.mean():.3f} m (RMSE {rmses.mean():.3f} m)"
-    return summary
+# Copied from ppo_cartpole.py: eval_summary
+def eval_summary(returns: np.ndarray) -> str:
+    return f"eval return {returns.mean():.2f} ± {returns.std():.2f} over {len(returns)} episodes"
+
+
+def tracking_summary(errors: np.ndarray, rmses: np.ndarray) -> str:
+    """What follows eval_summary's sentence where the env has a reference trajectory."""
+    if np.isnan(errors).all():
+        return ""
+    return f", tracking error {errors.mean():.3f} m (RMSE {rmses.mean():.3f} m)"
 
 
 def evaluate_checkpoint(args: Args) -> None:
-    """--eval-checkpoint: rebuild agent and observation statistics (frozen) from the checkpoint, fly.
+    """--eval-checkpoint: rebuild the agent and its observation statistics (frozen) from the saved
+    settings and fly the deterministic policy with the same evaluation seed as the end of
+    training, so the figures are the same; the episode length, the number of evaluation drones and
+    the seed may be given anew. Given a folder (runs/<run>/checkpoints), evaluate each checkpoint
+    in it and draw the curve."""
+    import functools
 
-    The settings come from the checkpoint (parse_args); the episode length, the number of evaluation
-    drones and the seed may be given anew, the environment and the network may not.
-    """
-    checkpoint = load_checkpoint(args.eval_checkpoint)
-    check_settings(args, checkpoint["args"], may_change=set(checkpoint["args"]) - MODEL_SETTINGS)
-    device = pick_device(args.cuda, args.torch_threads)
-    envs = make_envs(args, args.num_eval_envs, pick_jax_device(device), device)
-    envs.load_state_dict(checkpoint["obs_rms"])
-    envs.update_stats = False
-    agent = build_agent(envs, args.hidden_size, device)
-    agent.load_state_dict(checkpoint["model"])
-    video_folder = Path("videos") / checkpoint["run_name"] / "eval-checkpoint" if args.capture_video else None
-    returns, errors, rmses = evaluate(
-        agent, envs, args.eval_episodes, args.seed + EVAL_SEED_OFFSET, video_folder
+    # Built at the first flight, so that bad input is reported before the device notice; the same
+    # drones then fly every checkpoint of a folder (compiled once).
+    device = functools.cache(lambda: pick_device(args.cuda, args.torch_threads))
+    envs = functools.cache(
+        lambda: make_envs(args, args.num_eval_envs, pick_jax_device(device()), device())
     )
-    envs.close()
-    print(eval_summary(returns, errors, rmses))
+    eval_seed = args.seed + EVAL_SEED_OFFSET
+
+    def load(path: str) -> dict:
+        checkpoint = load_checkpoint(path)
+        check_settings(args, checkpoint["args"], set(checkpoint["args"]) - MODEL_SETTINGS)
+        return checkpoint
+
+    def fly(checkpoint: dict | None, path: str, video: str | None = None) -> tuple[np.ndarray, ...]:
+        """evaluate() of the checkpoint's deterministic policy, or of uniformly random actions."""
+        obs_dim = envs().single_observation_space.shape[0]
+        action_dim = envs().single_action_space.shape[0]
+        if checkpoint is None:  # the same random actions on every call
+            generator = torch.Generator(device()).manual_seed(eval_seed)
+
+            def policy(obs: torch.Tensor) -> torch.Tensor:
+                shape = (len(obs), action_dim)
+                return torch.rand(shape, generator=generator, device=obs.device) * 2 - 1
+        else:
+            envs().freeze(checkpoint["obs_rms"])
+            agent = Agent(obs_dim, action_dim, args.hidden_size).to(device())
+            restore(checkpoint, path, model=agent)
+            policy = agent.deterministic_action
+        return evaluate(policy, envs(), args.eval_episodes, eval_seed, video)
+
+    def play(checkpoint: dict | None, path: str) -> dict[str, np.ndarray]:
+        returns, _, rmses = fly(checkpoint, path)
+        if np.isnan(rmses).all():  # an env without a reference trajectory
+            return {"return": returns}
+        return {"return": returns, "tracking RMSE (m)": rmses}
+
+    if Path(args.eval_checkpoint).is_dir():
+        evaluate_checkpoint_folder(
+            args.eval_checkpoint, load, play, CHECKPOINT_SUFFIX, "environment steps"
+        )
+    else:
+        checkpoint = load(args.eval_checkpoint)
+        video = f"videos/{checkpoint['run_name']}/eval-checkpoint" if args.capture_video else None
+        returns, errors, rmses = fly(checkpoint, args.eval_checkpoint, video)
+        print(f"{eval_summary(returns)}{tracking_summary(errors, rmses)} ({args.eval_checkpoint})")
+    envs().close()
+
+
+# Copied from ppo_atari.py: evaluate_checkpoint_folder
+def evaluate_checkpoint_folder(
+    folder: str,
+    load: Callable[[str], dict],
+    play: Callable[[dict | None, str], dict[str, np.ndarray]],
+    suffix: str,
+    x_label: str,
+) -> list[tuple[int, dict[str, np.ndarray]]]:
+    """Evaluate every checkpoint (*`suffix`) in `folder` in step order: print a table, write
+    eval_curve.csv and eval_curve.png into the folder; return [(step, metrics)], the random
+    policy's last with step -1.
+
+    `load(path)` reads one checkpoint (a dict with "global_step" and "env_id") and fails with one
+    line on a file that is not one of the script's or does not match the command line's flags;
+    every checkpoint is loaded once before anything is played. `play(checkpoint, path)` plays the
+    evaluation episodes of a loaded checkpoint, `play(None, "")` those of the uniformly random
+    policy on the same seeds; both return per-episode arrays by metric: "return", then any extra
+    metric the script reports. The table and the CSV give the return's mean, std, min and max,
+    then each extra metric's mean and std; the PNG draws the return against `x_label` (with the
+    run's training returns from its TensorBoard log beside the folder), then one panel per extra
+    metric, each with the random policy's mean as a line.
+    """
+    paths = sorted(str(path) for path in Path(folder).glob(f"*{suffix}"))
+    if not paths:
+        fail(f"{folder} holds no checkpoints (*{suffix}); give a file, or runs/<run>/checkpoints")
+    steps, env_ids = {}, set()
+    # Shown once the check takes a second: a quick refusal stays one line.
+    for path in tqdm(paths, desc="checking checkpoints", unit="checkpoint", delay=1, leave=False):
+        checkpoint = load(path)  # keep only the step and the env, not the weights
+        steps[path], env_ids = int(checkpoint["global_step"]), env_ids | {str(checkpoint["env_id"])}
+    if len(env_ids) > 1:
+        fail(
+            f"{folder} mixes checkpoints of {', '.join(sorted(env_ids))}; evaluate one run's folder"
+        )
+    paths.sort(key=steps.get)
+    results = []
+    # "" stands for the random policy, played last.
+    for path in tqdm([*paths, ""], desc="evaluating checkpoints", unit="checkpoint"):
+        results.append((steps.get(path, -1), play(load(path) if path else None, path)))
+
+    checkpoints, (_, random_policy) = results[:-1], results[-1]
+    extras = [name for name in random_policy if name != "return"]
+    width = {name: max(8, len(name)) for name in extras}
+    header = f"{'step':>12s}  {'mean':>8s} ± {'std':<6s} {'min':>8s} {'max':>8s}"
+    print(header + "".join(f"  {name:>{width[name]}s} ± {'std':<6s}" for name in extras))
+    csv_header = ["step,mean,std,min,max,episodes"]
+    for name in extras:  # column-safe snake case: "tracking RMSE (m)" -> tracking_rmse_m
+        column = "_".join("".join(c if c.isalnum() else " " for c in name.lower()).split())
+        csv_header.append(f"{column}_mean,{column}_std")
+    with open(Path(folder) / "eval_curve.csv", "w") as csv_file:
+        csv_file.write(",".join(csv_header) + "\n")
+        for step, values in [results[-1], *checkpoints]:
+            returns = values["return"]
+            mean, std, low, high = returns.mean(), returns.std(), returns.min(), returns.max()
+            label = "random" if step < 0 else step
+            line = f"{label:>12}  {mean:8.2f} ± {std:<6.2f} {low:8.2f} {high:8.2f}"
+            cells = [step, mean, std, low, high, len(returns)]
+            for name in extras:
+                mean, std = values[name].mean(), values[name].std()
+                line += f"  {mean:>{width[name]}.4g} ± {std:<6.4g}"
+                cells += [mean, std]
+            print(line)
+            csv_file.write(",".join(map(str, cells)) + "\n")
+
+    # Imported here: only this command draws, and a Figure needs no display or pyplot state.
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(7, 4 + 2.5 * len(extras)), layout="constrained")
+    panels = figure.subplots(1 + len(extras), 1, sharex=True, squeeze=False)[:, 0]
+    x = np.array([step for step, _ in checkpoints])
+    for panel, name in zip(panels, ["return", *extras], strict=True):
+        mean = np.array([values[name].mean() for _, values in checkpoints])
+        std = np.array([values[name].std() for _, values in checkpoints])
+        episodes = len(random_policy[name])
+        panel.plot(x, mean, marker="o", label=f"checkpoints (mean of {episodes} episodes)")
+        panel.fill_between(x, mean - std, mean + std, alpha=0.25, label="± std")
+        baseline = random_policy[name].mean()
+        panel.axhline(baseline, color="grey", linestyle="--", label="random policy")
+        panel.set_ylabel("evaluation return" if name == "return" else name)
+    # The folder of kept checkpoints sits in its run's folder, beside the training's own log.
+    train_steps, returns = training_returns(Path(folder).parent)
+    if len(returns):
+        window = min(20, len(returns))
+        smoothed = np.convolve(returns, np.ones(window) / window, mode="valid")
+        label = f"training (mean of {window} episodes)"
+        panels[0].plot(train_steps[window - 1 :], smoothed, linewidth=1, alpha=0.7, label=label)
+    panels[0].set_title(env_ids.pop())
+    panels[0].legend(loc="best")
+    panels[-1].set_xlabel(x_label)
+    figure.savefig(Path(folder) / "eval_curve.png", dpi=100)
+    print(f"wrote {Path(folder) / 'eval_curve.csv'} and {Path(folder) / 'eval_curve.png'}")
+    return results
+
+
+# Copied from ppo_atari.py: training_returns
+def training_returns(run_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(steps, returns) of the training episodes logged under `run_dir`; empty if none."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    events.Reload()
+    if "charts/episodic_return" not in events.Tags()["scalars"]:
+        return np.zeros(0, dtype=np.int64), np.zeros(0)
+    scalars = events.Scalars("charts/episodic_return")
+    steps = np.array([scalar.step for scalar in scalars])
+    return steps, np.array([scalar.value for scalar in scalars])
 
 
 # Copied from ppo_cartpole.py: save_checkpoint
 def save_checkpoint(path: Path, state: dict) -> None:
-    """Write atomically: a crash mid-write leaves the previous checkpoint intact."""
+    """Write atomically and durably: the new file reaches the disk before it replaces the old one,
+    and the folder's entry after, so a crash or a power loss leaves one whole checkpoint or the
+    other under the name, never an empty file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(path.name + ".tmp")
-    torch.save(state, temporary)
+    with open(temporary, "wb") as file:
+        torch.save(state, file)
+        file.flush()
+        os.fsync(file.fileno())
     os.replace(temporary, path)
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
 
 
 # Copied from ppo_cartpole.py: load_checkpoint
-def load_checkpoint(path: str) -> dict:
+def load_checkpoint(path: str, resume: bool = False) -> dict:
     """Load a checkpoint of this script's kind; anything else fails with one line."""
     if not Path(path).is_file():
         fail(f"checkpoint {path} does not exist")
@@ -1102,156 +1163,187 @@ def load_checkpoint(path: str) -> dict:
         fail(f"{path} is not a readable checkpoint ({type(error).__name__}); it may be truncated")
     if not isinstance(checkpoint, dict) or "kind" not in checkpoint or "args" not in checkpoint:
         fail(f"{path} is not a checkpoint of this project")
-    if checkpoint["kind"] != CHECKPOINT_KIND:
-        fail(f"{path} holds a {checkpoint['kind']} checkpoint; this script trains {CHECKPOINT_KIND}")
-    return checkpoint
-
-
-# Copied from ppo_cartpole.py: StopFlag
-class StopFlag:
-    """Ctrl-C (SIGINT) or SIGTERM (job schedulers, `timeout`, `docker stop`) asks the training loop
-    to stop at the end of the iteration and save; a second signal aborts at once."""
-
-    def __init__(self):
-        self.signum: int | None = None
-        # SDL (pygame renders CartPole and Flappy Bird) installs its own SIGINT/SIGTERM handlers
-        # when it starts, which would swallow SIGTERM; this hint tells it not to.
-        os.environ.setdefault("SDL_NO_SIGNAL_HANDLERS", "1")
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(signum, self._handle)
-
-    def _handle(self, signum, frame):
-        if self.signum is not None:
-            raise KeyboardInterrupt
-        self.signum = signum
-        name = signal.Signals(signum).name
-        print(
-            f"\n{name}: stopping after this iteration (send it again to abort without saving)",
-            file=sys.stderr,
+    kind = checkpoint["kind"]
+    if kind in EVALUATED_KINDS and resume:
+        fail(
+            f"{path} holds a {kind} checkpoint, an earlier kind that this version can evaluate "
+            "(--eval-checkpoint) but not resume: its training state is saved differently"
         )
-
-    @property
-    def requested(self) -> bool:
-        return self.signum is not None
-
-    @property
-    def exit_code(self) -> int:
-        """128 + the signal number, as a shell reports a process ended by it (130, 143)."""
-        return 128 + self.signum
+    if kind != CHECKPOINT_KIND and kind not in EVALUATED_KINDS:
+        fail(f"{path} holds a {kind} checkpoint; this script trains {CHECKPOINT_KIND}")
+    return checkpoint
 
 
 # Copied from ppo_cartpole.py: Run
 class Run:
-    """What the training loop does besides the algorithm, behind a few calls: TensorBoard (and
-    W&B) logging, the progress bar, checkpoint files and the stop flag of Ctrl-C and SIGTERM."""
+    """What the training loop does besides the algorithm, behind three calls: the run's name and
+    resumed state, TensorBoard (and W&B) logging, the progress bar, checkpoint files, and stop
+    signals. Ctrl-C (SIGINT) or SIGTERM (job schedulers, `timeout`, `docker stop`) stops training
+    at the end of the iteration with a checkpoint; a second signal aborts at once; a signal during
+    the final evaluation ends it (the trained agent is saved by then)."""
 
-    def __init__(self, args: Args, run_name: str, total_steps: int, global_step: int):
+    def __init__(self, args: Args, total_steps: int):
         self.args = args
-        self.dir = Path("runs") / run_name
-        self.checkpoint_path = self.dir / f"{args.exp_name}.pt"
-        # Before anything renders, so that SDL finds the handlers in place.
-        self.stop = StopFlag()
+        self.resumed = load_checkpoint(args.resume, resume=True) if args.resume else None
+        if self.resumed is not None:
+            check_settings(args, self.resumed["args"], RESUME_MAY_CHANGE)
+            self.name, self.start_step = self.resumed["run_name"], self.resumed["global_step"]
+        else:
+            env_name = args.env_id.replace("/", "-")
+            self.name = f"{env_name}__{args.exp_name}__{args.seed}__{int(time.time())}"
+            self.start_step = 0
+        self.dir = Path("runs") / self.name
+        self.checkpoint_path = self.dir / f"{args.exp_name}{CHECKPOINT_SUFFIX}"
+        # Before anything renders: SDL (pygame) installs signal handlers of its own when it starts,
+        # which would swallow SIGTERM, unless this hint tells it not to.
+        self.signum, self.evaluating = None, False
+        os.environ.setdefault("SDL_NO_SIGNAL_HANDLERS", "1")
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, self._on_signal)
         if args.track:
+            import hashlib
+
             import wandb
 
             wandb.init(
                 project=args.wandb_project_name,
                 entity=args.wandb_entity,
                 group=args.wandb_group or args.exp_name,
-                name=run_name,
+                name=self.name,
                 # The id follows from the run name, so a resumed run continues the same W&B run.
-                id=hashlib.sha256(run_name.encode()).hexdigest()[:16],
+                id=hashlib.sha256(self.name.encode()).hexdigest()[:16],
                 resume="allow",
                 config=asdict(args),
                 sync_tensorboard=True,
                 save_code=True,
             )
         self.writer = SummaryWriter(str(self.dir))
-        self.writer.add_text(
-            "hyperparameters",
-            "|param|value|\n|-|-|\n" + "\n".join(f"|{key}|{value}|" for key, value in asdict(args).items()),
-        )
-        self.start_step, self.start_time = global_step, time.time()
+        table = "\n".join(f"|{key}|{value}|" for key, value in asdict(args).items())
+        self.writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)
+        self.start_time = time.time()
         self.recent_returns: deque[float] = deque(maxlen=20)
-        self.progress = tqdm(total=total_steps, initial=global_step, unit="step", dynamic_ncols=True)
+        self.progress = tqdm(
+            total=total_steps, initial=self.start_step, unit="step", dynamic_ncols=True
+        )
+
+    def _on_signal(self, signum, frame):
+        if self.signum is not None or self.evaluating:
+            self.signum = self.signum or signum
+            raise KeyboardInterrupt
+        self.signum = signum
+        name = signal.Signals(signum).name
+        print(f"\n{name}: stopping after this iteration (send it again to abort without saving)",
+              file=sys.stderr)  # fmt: skip
+
+    def restore(self, **objects) -> None:
+        """With --resume: load each object's saved state (model=agent, optimizer=...)."""
+        if self.resumed is not None:
+            restore(self.resumed, self.args.resume, **objects)
 
     def log_episode(self, episodic_return: float, length: int, global_step: int) -> None:
         """One finished training episode, with its true (unclipped, unscaled) return."""
-        self.writer.add_scalar("charts/episodic_return", episodic_return, global_step)
-        self.writer.add_scalar("charts/episodic_length", length, global_step)
-        self.recent_returns.append(episodic_return)
+        self.writer.add_scalar("charts/episodic_return", float(episodic_return), global_step)
+        self.writer.add_scalar("charts/episodic_length", int(length), global_step)
+        self.recent_returns.append(float(episodic_return))
 
-    def log(self, scalars: dict[str, float], global_step: int) -> None:
-        for key, value in scalars.items():
-            self.writer.add_scalar(key, value, global_step)
-
-    def advance(self, global_step: int) -> int:
-        """Move the progress bar to `global_step` and log charts/SPS; return the steps per second."""
-        sps = int((global_step - self.start_step) / max(time.time() - self.start_time, 1e-6))
-        self.writer.add_scalar("charts/SPS", sps, global_step)
+    def end_iteration(
+        self,
+        global_step: int,
+        previous_step: int,
+        scalars: dict[str, float],
+        state: Callable[[], dict],
+        finite: bool = True,
+        histograms: dict | None = None,
+    ) -> bool:
+        """Once per iteration: stop on a non-finite loss (the state saved for inspection, exit 1),
+        log every --log-interval steps, move the progress bar, checkpoint every --checkpoint-freq
+        steps. True when a stop signal asks the training loop to end."""
+        if not finite:
+            path = self.dir / f"{self.checkpoint_path.stem}_nan{self.checkpoint_path.suffix}"
+            save_checkpoint(path, state())
+            self.progress.close()
+            self.writer.close()
+            print(f"error: loss became non-finite at step {global_step}; state saved to {path}",
+                  file=sys.stderr)  # fmt: skip
+            sys.exit(1)
+        elapsed = max(time.time() - self.start_time, 1e-6)
+        sps = int((global_step - self.start_step) / elapsed)
+        if crossed(self.args.log_interval, global_step, previous_step):
+            for key, value in {**scalars, "charts/SPS": sps}.items():
+                self.writer.add_scalar(key, value, global_step)
+            if histograms and crossed(10 * self.args.log_interval, global_step, previous_step):
+                for key, values in histograms.items():
+                    self.writer.add_histogram(key, values, global_step)
         self.progress.update(global_step - self.progress.n)
         if self.recent_returns:
-            self.progress.set_postfix(sps=sps, ret=f"{np.mean(self.recent_returns):.1f}", refresh=False)
-        return sps
-
-    def checkpoint(self, state: Callable[[], dict], global_step: int, previous_step: int) -> None:
-        """Every --checkpoint-freq steps: refresh the checkpoint and keep a copy named by its step."""
+            recent = f"{np.mean(self.recent_returns):.1f}"
+            self.progress.set_postfix(sps=sps, ret=recent, refresh=False)
         if self.args.save_model and crossed(self.args.checkpoint_freq, global_step, previous_step):
             saved = state()
             save_checkpoint(self.checkpoint_path, saved)
             save_checkpoint(self.kept_path(global_step), saved)
+        return self.signum is not None
 
     def kept_path(self, global_step: int) -> Path:
         """runs/<run>/checkpoints/<name>_<step>: where the checkpoint of a step is kept."""
         name = f"{self.checkpoint_path.stem}_{global_step:012d}{self.checkpoint_path.suffix}"
         return self.dir / "checkpoints" / name
 
-    def stop_if_not_finite(self, finite: bool, state: Callable[[], dict], global_step: int) -> None:
-        """A NaN or infinite loss or weight ends the run: save the state for inspection, exit 1."""
-        if finite:
-            return
-        path = self.dir / f"{self.checkpoint_path.stem}_nan{self.checkpoint_path.suffix}"
-        save_checkpoint(path, state())
+    def finish(
+        self,
+        state: dict,
+        global_step: int,
+        final_evaluation: Callable[[str | None], tuple[dict[str, np.ndarray], str]],
+    ) -> None:
+        """After the loop: save the checkpoint; after a stop signal, say where it is and exit
+        128 + the signal (130, 143). Else run `final_evaluation(video_folder)`, which returns its
+        per-episode scalars and a summary; log them and print the one summary line."""
         self.progress.close()
-        print(f"error: loss became non-finite at step {global_step}; state saved to {path}", file=sys.stderr)
-        sys.exit(1)
-
-    def end_training(self, state: dict, global_step: int) -> None:
-        """Save the final checkpoint; if a stop signal ended training, say where it is and exit."""
-        self.progress.close()
+        where = f"; checkpoint {self.checkpoint_path}" if self.args.save_model else ""
         if self.args.save_model:
             save_checkpoint(self.checkpoint_path, state)
             # The trained agent is kept too, so that evaluating the folder of kept checkpoints ends
             # with it (a stopped run's checkpoint is a point to resume from, not a result).
-            if self.args.checkpoint_freq and not self.stop.requested:
+            if self.args.checkpoint_freq and self.signum is None:
                 save_checkpoint(self.kept_path(global_step), state)
-        if self.stop.requested:
+        if self.signum is not None:
             self.writer.close()
-            where = (
-                f": checkpoint saved to {self.checkpoint_path} (continue with --resume {self.checkpoint_path})"
-                if self.args.save_model
-                else ""
+            resume = (
+                f" (continue with --resume {self.checkpoint_path})" if self.args.save_model else ""
             )
-            print(f"interrupted at step {global_step}{where}", file=sys.stderr)
-            sys.exit(self.stop.exit_code)
+            print(f"interrupted at step {global_step}{where}{resume}", file=sys.stderr)
+            sys.exit(128 + self.signum)
 
-    def finish(self, global_step: int, result: str) -> None:
-        """Close the loggers and print the one summary line: steps, time, evaluation, checkpoint."""
+        video_folder = None
+        if self.args.capture_video:
+            # A resumed run's evaluation gets a folder of its own: no video overwrites another's.
+            resumed = f"-step-{global_step}" if self.resumed is not None else ""
+            video_folder = f"videos/{self.name}/eval{resumed}"
+        self.evaluating = True  # from here on, a signal ends the evaluation and the process
+        try:
+            per_episode, summary = final_evaluation(video_folder)
+        except KeyboardInterrupt:
+            self.writer.close()
+            if self.signum is None:
+                raise
+            name = signal.Signals(self.signum).name
+            print(f"{name}: the final evaluation was stopped at step {global_step}{where}",
+                  file=sys.stderr)  # fmt: skip
+            sys.exit(128 + self.signum)
+        self.evaluating = False
+        for key, values in per_episode.items():
+            for episode, value in enumerate(values):
+                if not np.isnan(value):
+                    self.writer.add_scalar(key, value, episode)
         self.writer.close()
         if self.args.track:
             import wandb
 
             wandb.finish()
         elapsed = time.time() - self.start_time
-        saved = f"; checkpoint {self.checkpoint_path}" if self.args.save_model else ""
-        print(
-            f"done: {global_step} steps in {elapsed:.1f}s ({(global_step - self.start_step) / elapsed:.0f} steps/s); "
-            f"{result}{saved}"
-        )
+        sps = (global_step - self.start_step) / elapsed
+        print(f"done: {global_step} steps in {elapsed:.1f}s ({sps:.0f} steps/s); {summary}{where}")
 
 
 if __name__ == "__main__":
     main(parse_args())
-    # Spare the interpreter's exit a garbage collection over the ~170k objects torch created at
-    # import (~0.4 s): the process ends, and the OS frees its memory all at once.
-    gc.freeze()
