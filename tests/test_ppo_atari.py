@@ -7,6 +7,7 @@ import re
 import shutil
 import signal
 import sys
+import time
 from dataclasses import asdict
 
 import numpy as np
@@ -542,14 +543,18 @@ def test_a_signal_during_the_final_evaluation_ends_it_with_the_signal_status(
     """After training the checkpoint is saved: a signal ends the evaluation and the process, with
     128 + the signal's number, rather than being noted and ignored."""
 
-    def training_ended(workdir):
-        return any(workdir.glob("runs/*/ppo_atari.pt"))
+    saved_at = []
 
-    # Two games of Pong at random level last seconds: the signal lands while they play.
+    def evaluation_under_way(workdir):  # half a second after the final save: the games are on
+        if not saved_at and any(workdir.glob("runs/*/ppo_atari.pt")):
+            saved_at.append(time.monotonic())
+        return bool(saved_at) and time.monotonic() - saved_at[0] > 0.5
+
+    # Four games of Pong at random level last seconds: the signal lands while they play.
     result = run_script(
         SCRIPT, "--env-id", "ALE/Pong-v5", "--total-timesteps", "256", "--num-steps", "32",
-        "--eval-episodes", "2", "--checkpoint-freq", "0",
-        interrupt_when=training_ended, interrupt_signals=(signum,),
+        "--eval-episodes", "4", "--checkpoint-freq", "0",
+        interrupt_when=evaluation_under_way, interrupt_signals=(signum,),
     )  # fmt: skip
     assert result.returncode == code, result.describe()
     name = signal.Signals(signum).name
