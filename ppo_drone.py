@@ -486,13 +486,14 @@ def main(args: Args) -> None:
 
     def final_evaluation(video_folder: str | None) -> tuple[dict[str, np.ndarray], str]:
         """The deterministic policy on new drones, from starts that training never flew."""
-        eval_envs = make_envs(args, args.num_eval_envs, jax_device, device)
-        eval_envs.freeze(envs.state_dict())  # the training statistics, no longer updated
-        eval_seed = args.seed + EVAL_SEED_OFFSET
-        returns, errors, rmses = evaluate(
-            agent.deterministic_action, eval_envs, args.eval_episodes, eval_seed, video_folder
-        )
-        eval_envs.close()
+        with collection_paused():  # so that a signal ends the evaluation (see collection_paused)
+            eval_envs = make_envs(args, args.num_eval_envs, jax_device, device)
+            eval_envs.freeze(envs.state_dict())  # the training statistics, no longer updated
+            eval_seed = args.seed + EVAL_SEED_OFFSET
+            returns, errors, rmses = evaluate(
+                agent.deterministic_action, eval_envs, args.eval_episodes, eval_seed, video_folder
+            )
+            eval_envs.close()
         per_episode = {"eval/episodic_return": returns, "eval/tracking_error": errors}
         per_episode["eval/tracking_rmse"] = rmses
         return per_episode, eval_summary(returns) + tracking_summary(errors, rmses)
@@ -894,6 +895,20 @@ class NormalizeObservation(VectorWrapper):
         self.update_stats = False
 
 
+@contextlib.contextmanager
+def collection_paused():
+    """No automatic garbage collection inside. JAX runs Python code in a collection's callback
+    (jax._src.lib._xla_gc_callback), and Python drops ("Exception ignored") the KeyboardInterrupt
+    that a signal's handler raises there: Ctrl-C or SIGTERM would often not end an evaluation."""
+    import gc
+
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
 @torch.inference_mode()
 def evaluate(
     policy: Callable[[torch.Tensor], torch.Tensor],
@@ -1013,16 +1028,19 @@ def evaluate_checkpoint(args: Args) -> None:
             return {"return": returns}
         return {"return": returns, "tracking RMSE (m)": rmses}
 
-    if Path(args.eval_checkpoint).is_dir():
-        evaluate_checkpoint_folder(
-            args.eval_checkpoint, load, play, CHECKPOINT_SUFFIX, "environment steps"
-        )
-    else:
-        checkpoint = load(args.eval_checkpoint)
-        video = f"videos/{checkpoint['run_name']}/eval-checkpoint" if args.capture_video else None
-        returns, errors, rmses = fly(checkpoint, args.eval_checkpoint, video)
-        print(f"{eval_summary(returns)}{tracking_summary(errors, rmses)} ({args.eval_checkpoint})")
-    envs().close()
+    with collection_paused():  # so that Ctrl-C ends the evaluation
+        if Path(args.eval_checkpoint).is_dir():
+            evaluate_checkpoint_folder(
+                args.eval_checkpoint, load, play, CHECKPOINT_SUFFIX, "environment steps"
+            )
+        else:
+            checkpoint = load(args.eval_checkpoint)
+            run_name = checkpoint["run_name"]
+            video = f"videos/{run_name}/eval-checkpoint" if args.capture_video else None
+            returns, errors, rmses = fly(checkpoint, args.eval_checkpoint, video)
+            summary = eval_summary(returns) + tracking_summary(errors, rmses)
+            print(f"{summary} ({args.eval_checkpoint})")
+        envs().close()
 
 
 # Copied from ppo_atari.py: evaluate_checkpoint_folder

@@ -12,6 +12,7 @@ import re
 import shutil
 import signal
 import sys
+import time
 import types
 from dataclasses import asdict
 
@@ -633,13 +634,17 @@ def test_a_signal_during_the_final_evaluation_ends_it_with_the_signal_status(
     """After training the checkpoint is saved: a signal ends the evaluation and the process, with
     128 + the signal's number, rather than being noted and ignored."""
 
-    def training_ended(workdir):
-        return any(workdir.glob("runs/*/ppo_drone.pt"))
+    saved_at = []
+
+    def evaluation_under_way(workdir):  # half a second after the final save: the drones fly
+        if not saved_at and any(workdir.glob("runs/*/ppo_drone.pt")):
+            saved_at.append(time.monotonic())
+        return bool(saved_at) and time.monotonic() - saved_at[0] > 0.5
 
     # A recorded flight takes seconds to render: the signal lands while the drones fly.
     result = run_script(
         SCRIPT, *TINY, "--capture-video", "--checkpoint-freq", "0",
-        interrupt_when=training_ended, interrupt_signals=(signum,), env=jax_cache,
+        interrupt_when=evaluation_under_way, interrupt_signals=(signum,), env=jax_cache,
     )  # fmt: skip
     assert result.returncode == code, result.describe()
     name = signal.Signals(signum).name
