@@ -969,9 +969,12 @@ class Run:
         try:
             per_episode, summary = final_evaluation(video_folder)
         except KeyboardInterrupt:
-            self.writer.close()
             if self.signum is None:
                 raise
+        # (Checked after the evaluation too: Python drops an exception raised inside a garbage
+        # collector's callback, such as JAX's, so the signal may have left the evaluation running.)
+        if self.signum is not None:
+            self.writer.close()
             name = signal.Signals(self.signum).name
             print(f"{name}: the final evaluation was stopped at step {global_step}{where}",
                   file=sys.stderr)  # fmt: skip
