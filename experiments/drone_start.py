@@ -111,9 +111,9 @@ def fly_checkpoint(path: str, drones: int) -> np.ndarray:
     checkpoint = ppo_drone.load_checkpoint(path)
     device = ppo_drone.pick_device(False, args.torch_threads)
     envs = ppo_drone.make_envs(args, drones, ppo_drone.pick_jax_device(device), device)
-    envs.load_state_dict(checkpoint["obs_rms"])
-    envs.update_stats = False
-    agent = ppo_drone.build_agent(envs, args.hidden_size, device)
+    envs.freeze(checkpoint["obs_rms"])
+    obs_dim, action_dim = envs.single_observation_space.shape[0], envs.single_action_space.shape[0]
+    agent = ppo_drone.Agent(obs_dim, action_dim, args.hidden_size).to(device)
     agent.load_state_dict(checkpoint["model"])
     distances = []
     with torch.inference_mode():
