@@ -10,7 +10,7 @@ Run:
     python ppo_cartpole.py --eval-checkpoint runs/<run>/ppo_cartpole.pt --capture-video
     python ppo_cartpole.py --eval-checkpoint runs/<run>/checkpoints      # the evaluation curve
 
-Expect: a solved CartPole (greedy return 500 on the evaluation episodes) after ~10k environment
+Expect: a solved CartPole (greedy return 500 on the evaluation episodes) after 5k-20k environment
 steps and a few seconds on a CPU; README.md has the measured results over several seeds.
 """
 
