@@ -108,27 +108,6 @@ def read_scalars(runs_dir: Path) -> dict[str, list[tuple[int, float]]]:
     return dict(scalars)
 
 
-def modules_imported_by(
-    workdir: Path, script: str, *args: str, env: dict[str, str] | None = None
-) -> set[str]:
-    """The names of every module a whole run of `python ROOT/script *args` imported, in a fresh
-    interpreter (the test process has imported far more than any script does)."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    code = (
-        "import runpy, sys\n"
-        f"sys.argv = {[str(ROOT / script), *map(str, args)]!r}\n"
-        "runpy.run_path(sys.argv[0], run_name='__main__')\n"
-        "print('\\nMODULES', *sorted(sys.modules))\n"
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", code], cwd=workdir,
-        env={**os.environ, **HEADLESS_ENV, **(env or {})}, capture_output=True, text=True,
-        timeout=600,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    return set(result.stdout.rsplit("\nMODULES ", 1)[1].split())
-
-
 def run_script_in(
     workdir: Path,
     script: str,
