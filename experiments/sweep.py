@@ -601,7 +601,12 @@ class Worker:
                     fail_stale_trials(self.study)
                 status = self.refresh(force=True)
                 if all(state in ("complete", "failed") for state in status.values()):
-                    break
+                    # A dead worker's trial is failed a moment before its retry is queued, by
+                    # whichever worker noticed it: only a final state that holds is final.
+                    time.sleep(1)
+                    if self.refresh(force=True) == status:
+                        break
+                    continue
                 if not any(state in ("open", "waiting") for state in status.values()):
                     # The rest run elsewhere; wait, in case they die.
                     time.sleep(min(5, self.args.heartbeat))
