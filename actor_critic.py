@@ -35,12 +35,6 @@ from torch.distributions import Categorical
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-# Checkpoints name their kind, not the script's file name: a renamed copy still loads its own.
-CHECKPOINT_KIND = "a2c-discrete-mlp/3"
-# Earlier kinds with the same network: evaluated, but not resumed (their optimiser state differs).
-EVALUATED_KINDS = ("a2c-discrete-mlp/2",)
-CHECKPOINT_SUFFIX = ".pt"
-
 
 @dataclass
 class Args:
@@ -362,6 +356,12 @@ def main(args: Args) -> None:
 # Plumbing: validation, evaluation of a checkpoint, checkpoint files, logging and stop signals.
 # A first reading can stop here: nothing below changes what the algorithm computes.
 # ----------------------------------------------------------------------------------------------
+
+# Checkpoints name their kind, not the script's file name: a renamed copy still loads its own.
+CHECKPOINT_KIND = "a2c-discrete-mlp/3"
+# Earlier kinds with the same network: evaluated, but not resumed (their optimiser state differs).
+EVALUATED_KINDS = ("a2c-discrete-mlp/2",)
+CHECKPOINT_SUFFIX = ".pt"
 
 # Copied from ppo_cartpole.py: EVAL_SEED_OFFSET
 EVAL_SEED_OFFSET = 10_000  # evaluation envs get seed + this: episodes that training never saw

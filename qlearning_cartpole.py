@@ -37,13 +37,6 @@ from tensorboard.plugins.text.summary_v2 import text_pb
 from tensorboard.summary.writer import event_file_writer
 from tqdm import tqdm
 
-# Checkpoints say what they hold by this kind, not by the script's file name, so a renamed copy of
-# this script still loads its own checkpoints.
-CHECKPOINT_KIND = "q-table/1"
-# Earlier kinds that are evaluated but not resumed: none, the table's file has not changed yet.
-EVALUATED_KINDS: tuple[str, ...] = ()
-CHECKPOINT_SUFFIX = ".npz"
-
 
 @dataclass
 class Args:
@@ -282,6 +275,13 @@ def main(args: Args) -> None:
 # Plumbing: validation, evaluation of a checkpoint, checkpoint files, logging and stop signals.
 # A first reading can stop here: nothing below changes what the algorithm computes.
 # ----------------------------------------------------------------------------------------------
+
+# Checkpoints say what they hold by this kind, not by the script's file name, so a renamed copy of
+# this script still loads its own checkpoints.
+CHECKPOINT_KIND = "q-table/1"
+# Earlier kinds that are evaluated but not resumed: none, the table's file has not changed yet.
+EVALUATED_KINDS: tuple[str, ...] = ()
+CHECKPOINT_SUFFIX = ".npz"
 
 # Copied from ppo_cartpole.py: EVAL_SEED_OFFSET
 EVAL_SEED_OFFSET = 10_000  # evaluation envs get seed + this: episodes that training never saw

@@ -25,11 +25,13 @@ MAX_COLUMNS = 100
 
 
 def lines_above_banner(source: str) -> int:
-    """The number of lines before the banner's first line (its dashed rule)."""
+    """The number of lines down to the end of the banner's text (the file's first lines, then the
+    dashed rule and the banner's comment lines, before its closing dashed rule)."""
     lines = source.splitlines()
     (banner,) = [number for number, line in enumerate(lines) if line.startswith(BANNER)]
     assert re.fullmatch(r"# -+", lines[banner - 1]), "the banner opens with a dashed rule"
-    return banner - 1
+    closing = next(n for n in range(banner, len(lines)) if re.fullmatch(r"# -+", lines[n]))
+    return closing
 
 
 def args_field_docstrings(source: str) -> dict[str, str]:
@@ -76,7 +78,7 @@ def test_the_module_docstring_is_short_and_nothing_runs_at_exit(script):
 
 
 def test_the_line_count_sees_the_banner():
-    source = "a = 1\n\n# ---\n# Plumbing: below\n# ---\nb = 2\n"
-    assert lines_above_banner(source) == 2
+    source = "a = 1\n\n# ---\n# Plumbing: below\n# more\n# ---\nb = 2\n"
+    assert lines_above_banner(source) == 5
     with pytest.raises(ValueError):
         lines_above_banner("a = 1\n")
