@@ -133,8 +133,9 @@ class Args:
         return max(1, int(self.exploration_fraction * self.total_timesteps))
 
     @property
-    def stack(self) -> int:
-        return self.frame_stack if self.obs_type == "pixels" else 1
+    def stack(self) -> int | None:
+        """Frames per observation for the replay buffer; None: a vector, no stack axis."""
+        return self.frame_stack if self.obs_type == "pixels" else None
 
 
 def env_kwargs(args: Args) -> dict:
@@ -238,9 +239,10 @@ class ReplayBuffer:
     The autoreset step after an episode's end is stored (its frame is the final observation) but
     flagged `final`, and sampling never starts a transition there. The slot after it is `first`:
     stacks never reach back across it, but repeat it, as FrameStackObservation(padding="reset").
+    `stack`: the frames of an observation, on its axis 1; None for a vector (no stack axis).
     """
 
-    def __init__(self, capacity, num_envs, frame_shape, frame_dtype, stack: int = 1, seed: int = 0):
+    def __init__(self, capacity, num_envs, frame_shape, frame_dtype, stack=None, seed: int = 0):
         self.capacity, self.num_envs, self.stack = capacity, num_envs, stack
         self.frames = np.zeros((capacity, num_envs, *frame_shape), dtype=frame_dtype)
         self.actions = np.zeros((capacity, num_envs), dtype=np.int64)
@@ -259,7 +261,7 @@ class ReplayBuffer:
     def add(self, obs, actions, rewards, terminated, final) -> None:
         """Store one vector step: the observations acted on, the actions, rewards, terminations.
         `final[e]`: env e's observation ended its episode, so this is its autoreset step."""
-        self.frames[self.pos] = obs[:, -1] if self.stack > 1 else obs
+        self.frames[self.pos] = obs if self.stack is None else obs[:, -1]
         self.actions[self.pos] = actions
         self.rewards[self.pos] = rewards
         self.terminated[self.pos] = terminated
@@ -275,12 +277,12 @@ class ReplayBuffer:
         valid = ~self.final[t, e] & (t != newest)  # the newest slot has no next observation yet
         if self.full:
             # The oldest stack - 1 slots would stack frames that were overwritten by the newest.
-            valid &= (t - self.pos) % self.capacity >= self.stack - 1
+            valid &= (t - self.pos) % self.capacity >= (self.stack or 1) - 1
         return valid
 
     def _stacked(self, t: np.ndarray, e: np.ndarray) -> np.ndarray:
         """The observation at slots (t, e): its newest frame and the stack - 1 before it."""
-        if self.stack == 1:
+        if self.stack is None:  # vectors: no stack axis
             return self.frames[t, e]
         index = np.empty((len(t), self.stack), dtype=np.int64)
         index[:, -1] = current = t
@@ -523,10 +525,10 @@ def validate(args: Args) -> None:
             fail(f"--{name.replace('_', '-')} must be in (0, 1], got {getattr(args, name)}")
     if args.buffer_size < args.batch_size:
         fail(f"--buffer-size {args.buffer_size} is smaller than --batch-size {args.batch_size}")
-    if args.buffer_size // args.num_envs <= args.stack + 1:
+    if args.buffer_size // args.num_envs <= (args.stack or 1) + 1:
         fail(
             f"--buffer-size {args.buffer_size} leaves {args.buffer_size // args.num_envs} slots"
-            f" per env; it needs more than frame_stack + 1 = {args.stack + 1}"
+            f" per env; it needs more than frame_stack + 1 = {(args.stack or 1) + 1}"
         )
     if args.resume and args.eval_checkpoint:
         fail("give either --resume or --eval-checkpoint, not both")

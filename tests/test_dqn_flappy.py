@@ -69,14 +69,16 @@ def reference_stacks(num_envs, stack, steps, seed=0):
     Returns (rows, transitions): rows are the `add` calls in order; transitions maps an action
     id to (obs, reward, terminated, next_obs) for every real transition (autoreset steps are not).
     """
-    envs = gym.vector.SyncVectorEnv(
-        [
-            lambda i=i: gym.wrappers.FrameStackObservation(
-                NumberedFrames(i), stack, padding_type="reset"
-            )
-            for i in range(num_envs)
-        ]
-    )
+
+    def make(i):  # stack None: the bare frames, as a vector observation is stored
+        env = NumberedFrames(i)
+        return (
+            env
+            if stack is None
+            else gym.wrappers.FrameStackObservation(env, stack, padding_type="reset")
+        )
+
+    envs = gym.vector.SyncVectorEnv([lambda i=i: make(i) for i in range(num_envs)])
     obs, _ = envs.reset(seed=seed)
     final = np.zeros(num_envs, dtype=bool)
     rows, transitions = [], {}
@@ -99,19 +101,20 @@ def reference_stacks(num_envs, stack, steps, seed=0):
 
 
 @pytest.mark.parametrize(
-    ("num_envs", "stack", "capacity", "steps"), [(3, 4, 1000, 60), (2, 4, 17, 60), (1, 1, 10, 40)]
+    ("num_envs", "stack", "capacity", "steps"),
+    [(3, 4, 1000, 60), (2, 4, 17, 60), (2, 1, 10, 40), (1, None, 10, 40)],
 )
 def test_buffer_returns_exactly_the_stored_stacks_across_episode_boundaries(
     num_envs, stack, capacity, steps
 ):
     rows, transitions = reference_stacks(num_envs, stack, steps)
-    frame_shape = rows[0][0].shape[2:] if stack > 1 else rows[0][0].shape[1:]
+    frame_shape = rows[0][0].shape[1:] if stack is None else rows[0][0].shape[2:]
     buffer = dqn_flappy.ReplayBuffer(capacity, num_envs, frame_shape, np.uint8, stack, seed=3)
     for row in rows:
         buffer.add(*row)
     # Only transitions whose frames are all still in the ring may come back; with wrap-around the
     # oldest ones are gone. The newest stored row has no next observation yet.
-    first_kept_step = max(0, steps - capacity) + (stack - 1 if steps > capacity else 0)
+    first_kept_step = max(0, steps - capacity) + ((stack or 1) - 1 if steps > capacity else 0)
     reachable = {
         int(a)
         for step, row in enumerate(rows[:-1])
