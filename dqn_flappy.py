@@ -133,8 +133,7 @@ class Args:
         return max(1, int(self.exploration_fraction * self.total_timesteps))
 
     @property
-    def stack(self) -> int | None:
-        """Frames per observation for the replay buffer; None: a vector, no stack axis."""
+    def stack(self) -> int | None:  # frames per observation; None: a vector, no stack axis
         return self.frame_stack if self.obs_type == "pixels" else None
 
 
@@ -238,8 +237,7 @@ class ReplayBuffer:
 
     The autoreset step after an episode's end is stored (its frame is the final observation) but
     flagged `final`, and sampling never starts a transition there. The slot after it is `first`:
-    stacks never reach back across it, but repeat it, as FrameStackObservation(padding="reset").
-    `stack`: the frames of an observation, on its axis 1; None for a vector (no stack axis).
+    stacks never reach back across it but repeat it, as FrameStackObservation(padding="reset") does.
     """
 
     def __init__(self, capacity, num_envs, frame_shape, frame_dtype, stack=None, seed: int = 0):
