@@ -681,10 +681,11 @@ def evaluate_checkpoint_folder(
     play: Callable[[dict | None, str], dict[str, np.ndarray]],
     suffix: str,
     x_label: str,
+    mark: tuple[int, str] | None = None,
 ) -> list[tuple[int, dict[str, np.ndarray]]]:
     """Evaluate every checkpoint (*`suffix`) in `folder` in step order: print a table, write
     eval_curve.csv and eval_curve.png into the folder; return [(step, metrics)], the random
-    policy's last with step -1.
+    policy's last with step -1. `mark` (step, label): a step the PNG marks on every panel.
 
     `load(path)` reads one checkpoint (a dict with "global_step" and "env_id") and fails with one
     line on a file that is not one of the script's or does not match the command line's flags;
@@ -760,6 +761,9 @@ def evaluate_checkpoint_folder(
         smoothed = np.convolve(returns, np.ones(window) / window, mode="valid")
         label = f"training (mean of {window} episodes)"
         panels[0].plot(train_steps[window - 1 :], smoothed, linewidth=1, alpha=0.7, label=label)
+    if mark is not None:
+        for panel in panels:
+            panel.axvline(mark[0], color="black", linestyle=":", label=mark[1])
     panels[0].set_title(env_ids.pop())
     panels[0].legend(loc="best")
     panels[-1].set_xlabel(x_label)
@@ -784,20 +788,37 @@ def training_returns(run_dir: Path) -> tuple[np.ndarray, np.ndarray]:
 
 def save_checkpoint(path: Path, state: dict) -> None:
     """Write atomically and durably: the new file reaches the disk before it replaces the old one,
-    and the folder's entry after, so a crash or a power loss leaves one whole checkpoint or the
-    other under the name, never an empty file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    and the folder's entry after (and a new folder's own entry in its parent), so a crash or a
+    power loss leaves one whole checkpoint or the other under the name, never an empty file."""
+    make_folder(path.parent)
     temporary = path.with_name(path.name + ".tmp")
     with open(temporary, "wb") as file:
         torch.save(state, file)
         file.flush()
         os.fsync(file.fileno())
     os.replace(temporary, path)
-    folder = os.open(path.parent, os.O_RDONLY)
+    sync_folder(path.parent)
+
+
+def make_folder(folder: Path) -> None:
+    """mkdir -p, with each folder it creates synced into its parent."""
+    created = [path for path in (folder, *folder.parents) if not path.exists()]
+    folder.mkdir(parents=True, exist_ok=True)
+    for path in reversed(created):
+        sync_folder(path.parent)
+
+
+def sync_folder(folder: Path) -> None:
+    """Flush a folder's entries (a rename, a new file) to the disk. Windows cannot open a folder
+    as a file (PermissionError), so there it is left to NTFS, which journals its entries."""
     try:
-        os.fsync(folder)
+        descriptor = os.open(folder, os.O_RDONLY)
+    except PermissionError:
+        return
+    try:
+        os.fsync(descriptor)
     finally:
-        os.close(folder)
+        os.close(descriptor)
 
 
 def load_checkpoint(path: str, resume: bool = False) -> dict:

@@ -576,13 +576,14 @@ def test_a_resumed_run_records_its_evaluation_into_a_folder_of_its_own(run_scrip
 def test_checkpoints_reach_the_disk_before_and_after_they_replace_the_old_one(
     tmp_path, monkeypatch
 ):
-    """fsync of the new file before os.replace, of the folder after it: a power loss cannot leave
-    an empty file under the checkpoint's name."""
+    """fsync of the new file before os.replace, of the folder after it, and of a new folder's
+    parent once: a power loss cannot leave an empty file under the checkpoint's name, nor lose
+    the folder it is in."""
     events = []
     real_fsync, real_replace = os.fsync, os.replace
 
     def fsync(fd):
-        events.append(("fsync", os.path.isdir(f"/proc/self/fd/{fd}")))
+        events.append(("fsync", Path(os.readlink(f"/proc/self/fd/{fd}")).name))
         real_fsync(fd)
 
     def replace(source, target):
@@ -593,9 +594,32 @@ def test_checkpoints_reach_the_disk_before_and_after_they_replace_the_old_one(
     monkeypatch.setattr(os, "replace", replace)
     path = tmp_path / "run" / "agent.pt"
     ppo_cartpole.save_checkpoint(path, {"step": 1})
-    assert events == [("fsync", False), ("replace", "agent.pt"), ("fsync", True)]
+    once = [("fsync", "agent.pt.tmp"), ("replace", "agent.pt"), ("fsync", "run")]
+    assert events == [("fsync", tmp_path.name), *once]
+    events.clear()
+    ppo_cartpole.save_checkpoint(path, {"step": 1})  # into the folder that is there now
+    assert events == once
     assert torch.load(path, weights_only=True) == {"step": 1}
     assert [p.name for p in path.parent.iterdir()] == ["agent.pt"]
+
+
+def test_on_windows_a_run_saves_its_checkpoints_and_installs_its_stop_signals(in_tmp, monkeypatch):
+    """Windows cannot open a folder as a file (os.open raises PermissionError), so its entries
+    cannot be synced: the run saves all the same, and Ctrl-C / SIGTERM still stop it cleanly."""
+    real_open = os.open
+
+    def windows_open(path, flags, *args, **kwargs):
+        if os.path.isdir(path):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", windows_open)
+    main_in_process(*TINY, "--checkpoint-freq", "512")
+    (checkpoint,) = in_tmp.glob("runs/*/ppo_cartpole.pt")
+    assert torch.load(checkpoint, weights_only=True)["global_step"] == 1024
+    assert len(list(in_tmp.glob("runs/*/checkpoints/*.pt"))) == 2
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        assert signal.getsignal(signum).__func__ is ppo_cartpole.Run._on_signal
 
 
 def test_a_checkpoint_of_the_previous_kind_evaluates_but_does_not_resume(in_tmp, capsys):

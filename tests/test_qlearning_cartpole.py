@@ -655,13 +655,14 @@ def test_bad_checkpoints_exit_2_with_one_line(capsys, workdir):
 def test_checkpoints_reach_the_disk_before_and_after_they_replace_the_old_one(
     tmp_path, monkeypatch
 ):
-    """fsync of the new file before os.replace, of the folder after it: a power loss cannot leave
-    an empty file under the checkpoint's name."""
+    """fsync of the new file before os.replace, of the folder after it, and of a new folder's
+    parent once: a power loss cannot leave an empty file under the checkpoint's name, nor lose
+    the folder it is in."""
     events = []
     real_fsync, real_replace = os.fsync, os.replace
 
     def fsync(fd):
-        events.append(("fsync", os.path.isdir(f"/proc/self/fd/{fd}")))
+        events.append(("fsync", Path(os.readlink(f"/proc/self/fd/{fd}")).name))
         real_fsync(fd)
 
     def replace(source, target):
@@ -672,7 +673,11 @@ def test_checkpoints_reach_the_disk_before_and_after_they_replace_the_old_one(
     monkeypatch.setattr(os, "replace", replace)
     path = tmp_path / "run" / "agent.npz"
     write_checkpoint(path)
-    assert events == [("fsync", False), ("replace", "agent.npz"), ("fsync", True)]
+    once = [("fsync", "agent.npz.tmp"), ("replace", "agent.npz"), ("fsync", "run")]
+    assert events == [("fsync", tmp_path.name), *once]
+    events.clear()
+    write_checkpoint(path)  # into the folder that is there now
+    assert events == once
     assert int(load_npz(path)["global_step"]) == 0
     assert [p.name for p in path.parent.iterdir()] == ["agent.npz"]
 
