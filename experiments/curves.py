@@ -16,9 +16,9 @@ each run wrote and writes into `--out`:
   since the process started. Each seed's episodes are smoothed by the mean of its last 20
   (the same window the progress bars show), then put on a common grid: the line is the mean over
   seeds and the band spans the lowest to the highest seed (min-max), drawn only as far as every
-  seed got (a run that stopped once solved ends early; its thin line ends there). A third panel
-  where the script logs one: ppo_drone's tracking error, dqn_flappy's pipes in its periodic greedy
-  evaluations.
+  seed got (a run that stopped once solved ends early; its thin line ends there). Below them,
+  against steps and against seconds, the curve the script logs of its own where it has one:
+  ppo_drone's tracking error, dqn_flappy's pipes in its periodic greedy evaluations.
 - `results.md` and `results.csv`: per script the final evaluation, mean ± std over seeds of each
   seed's mean, with every seed's value; environment steps, wall time of the whole process (as the
   tool measured it from launch to exit) and steps/s; pipes for dqn_flappy, tracking error and RMSE
@@ -26,15 +26,20 @@ each run wrote and writes into `--out`:
   summary line on stdout says (`done: <step> steps in <seconds>s (...`, the last line every script
   prints for a finished run); a run that printed none gets no steps and a warning, not a guess.
 
+`--add` keeps the runs already in `--out` (other seeds of the same scripts, run earlier by this
+tool) and tables and plots them with the new ones, so that a long experiment lands seed by seed:
+`--seeds 1 --out X`, then `--seeds 2 --out X --add`, and so on; each run's own record
+(`run.json` in its folder) gives its wall time.
+
 `--peers` adds the Stable-Baselines3 counterparts where they run here: SB3 PPO beside ppo_cartpole
 and SB3 A2C beside actor_critic, each with the RL-Zoo settings for CartPole-v1 and the same seeds,
 run by this file in a child process that writes the same TensorBoard scalars and summary line.
 
 The runs share the cores when --jobs is above 1: wall times and steps/s are those of runs that ran
 side by side, as the table's header says. Bad input (an unknown script, an empty seed list, an
-unwritable --out) gets one line on stderr and exit status 2. A run that fails is reported with its
-script, seed and the tail of its stderr; the others are still plotted and tabled, and the tool
-exits with status 1.
+unwritable --out, a script or a seed named twice) gets one line on stderr and exit status 2. A run
+that fails is reported with its script, seed and the tail of its stderr; the others are still
+plotted and tabled, and the tool exits with status 1.
 """
 
 from __future__ import annotations
@@ -106,6 +111,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--total-timesteps", type=int, default=None, help="override every budget")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="runs at once")
     parser.add_argument("--peers", action="store_true", help="also run SB3 PPO / A2C on CartPole")
+    parser.add_argument("--add", action="store_true", help="table these runs with those in --out")
     args = parser.parse_args(argv)
     args.extra = extra
     args.scripts = [name.removesuffix(".py") for name in args.scripts]
@@ -118,6 +124,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         fail("--seeds is empty; give at least one seed")
     if len(set(args.seeds)) != len(args.seeds):
         fail(f"--seeds repeats a seed: {args.seeds}")
+    if len(set(args.scripts)) != len(args.scripts):  # two runs would share one folder
+        fail(f"--scripts repeats a script: {' '.join(args.scripts)}")
     if args.jobs <= 0:
         fail(f"--jobs must be positive, got {args.jobs}")
     if args.total_timesteps is not None and args.total_timesteps <= 0:
@@ -192,10 +200,32 @@ def run_one(args: argparse.Namespace, script: str, seed: int) -> RunResult:
             stderr.seek(0)
             tail = "\n".join(stderr.read().strip().splitlines()[-5:])
             result.error = f"exit status {process.returncode}: {tail}"
-            return result
-    result.scalars = read_scalars(workdir)
-    result.final_step = reported_final_step((workdir / "stdout.log").read_text())
+    return finish_reading(result)
+
+
+def finish_reading(result: RunResult) -> RunResult:
+    """Read a finished run's scalars and summary line from its folder, and leave its record."""
+    record = {"launched": result.launched, "wall_s": result.wall, "error": result.error}
+    (result.workdir / "run.json").write_text(json.dumps(record))
+    if result.error is None:
+        result.scalars = read_scalars(result.workdir)
+        result.final_step = reported_final_step((result.workdir / "stdout.log").read_text())
     return result
+
+
+def earlier_runs(args: argparse.Namespace, jobs: list[tuple[str, int]]) -> list[RunResult]:
+    """--add: the runs of the same scripts already in --out, other than those run now."""
+    runs = []
+    for script in dict.fromkeys(script for script, _ in jobs):
+        for record in sorted((args.out / "runs" / script).glob("seed-*/run.json")):
+            seed = int(record.parent.name.removeprefix("seed-"))
+            if (script, seed) in jobs:
+                continue
+            saved = json.loads(record.read_text())
+            result = RunResult(script, seed, record.parent, saved["wall_s"], saved["launched"])
+            result.error = saved["error"]
+            runs.append(finish_reading(result))
+    return runs
 
 
 def reported_final_step(stdout: str) -> int | None:
@@ -309,24 +339,26 @@ def plot_script(script: str, runs: list[RunResult], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     extra = EXTRA_CURVES.get(script)
-    panels = 3 if extra else 2
-    figure, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 3.8), constrained_layout=True)
+    rows = 2 if extra else 1
+    figure, axes = plt.subplots(rows, 2, figsize=(10.4, 3.8 * rows), constrained_layout=True)
+    axes = axes.reshape(-1)
     groups: dict[str, list[RunResult]] = {}
     for run in runs:
         if run.error is None and run.scalars.get("charts/episodic_return"):
             groups.setdefault(run.script, []).append(run)
     for color, (name, members) in zip(("tab:blue", "tab:orange"), groups.items(), strict=False):
-        by_steps, by_time, by_extra = [], [], []
+        by_steps, by_time, extra_by_steps, extra_by_time = [], [], [], []
         for run in members:
             steps, times, means = smoothed(run.scalars["charts/episodic_return"])
             by_steps.append((steps, means))
             by_time.append((times - run.launched, means))
             if extra and run.scalars.get(extra[0]):
                 points = np.array(run.scalars[extra[0]])
-                by_extra.append((points[:, 0], points[:, 2]))
+                extra_by_steps.append((points[:, 0], points[:, 2]))
+                extra_by_time.append((points[:, 1] - run.launched, points[:, 2]))
         curves = [(axes[0], by_steps), (axes[1], by_time)]
         if extra:
-            curves.append((axes[2], by_extra))
+            curves += [(axes[2], extra_by_steps), (axes[3], extra_by_time)]
         for axis, per_seed in curves:
             for x, y in per_seed:
                 axis.plot(x, y, color=color, linewidth=0.6, alpha=0.45)
@@ -343,7 +375,9 @@ def plot_script(script: str, runs: list[RunResult], path: Path) -> None:
         axis.set_ylabel(f"training return (mean of last {WINDOW})")
     if extra:
         axes[2].set_xlabel("environment steps")
-        axes[2].set_ylabel(extra[1])
+        axes[3].set_xlabel("seconds since the process started")
+        for axis in axes[2:]:
+            axis.set_ylabel(extra[1])
     for axis in axes:
         axis.grid(alpha=0.3)
     if axes[0].get_legend_handles_labels()[0]:  # none where no run logged a training return
@@ -402,9 +436,11 @@ def write_table(rows: list[dict], args: argparse.Namespace) -> None:
     parallel = f"{args.jobs} runs at a time on {os.cpu_count()} cores"
     if args.jobs == 1:
         parallel = "one run at a time"
+    seeds = sorted({row["seed"] for row in rows})
     lines = [
-        f"Seeds {', '.join(map(str, args.seeds))}; default settings"
+        f"Seeds {', '.join(map(str, seeds))}; default settings"
         + (f", --total-timesteps {args.total_timesteps}" if args.total_timesteps else "")
+        + (f", {' '.join(args.extra)}" if args.extra else "")
         + f"; {parallel} (wall times and steps/s are whole processes).",
         "",
         "| script | final evaluation, mean ± std over seeds | per seed | env steps (mean) "
@@ -467,6 +503,8 @@ def main(argv: list[str] | None = None) -> int:
             results.append(result)
             progress.update(1)
             progress.set_postfix_str(f"{result.script} seed {result.seed}", refresh=True)
+    if args.add:
+        results = earlier_runs(args, jobs) + results
     for result in results:
         if result.error:
             print(
@@ -489,6 +527,7 @@ def main(argv: list[str] | None = None) -> int:
             "script": run.script,
             "seed": run.seed,
             "wall_s": run.wall,
+            "launched": run.launched,
             "error": run.error,
         }
         for run in results

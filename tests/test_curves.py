@@ -93,6 +93,7 @@ def test_two_scripts_two_seeds_and_the_peer_are_plotted_and_tabled_from_their_sc
         (["--seeds"], "--seeds is empty"),
         (["--scripts"], "--scripts is empty"),
         (["--jobs", "0"], "--jobs must be positive"),
+        (["--scripts", "actor_critic", "actor_critic"], "--scripts repeats a script"),
         (["--out", "a-file/curves"], "cannot write to --out a-file/curves"),
     ],
 )
@@ -195,3 +196,28 @@ def test_a_rerun_into_the_same_out_replaces_the_earlier_run_and_says_so(tmp_path
     assert float(row["eval_return"]) == pytest.approx(np.mean(returns))
     assert float(row["eval_return_std"]) == pytest.approx(np.std(returns))
     assert "replacing the earlier run in --out of qlearning_cartpole seed 1" in printed, printed
+
+
+def test_add_tables_a_new_seed_with_the_runs_already_in_out(tmp_path, capsys):
+    """Each seed lands as it ends: --add keeps the earlier seeds' runs (their own records and
+    events) and tables and plots them with the new one; without --add, only the new one."""
+    curves = load_curves()
+    out = tmp_path / "out"
+    argv = ["--scripts", "qlearning_cartpole", "--total-timesteps", "2000", "--out", str(out)]
+    assert curves.main([*argv, "--seeds", "1", "--", "--eval-episodes", "2"]) == 0
+    first = read_rows(out)
+    assert curves.main([*argv, "--seeds", "2", "--add", "--", "--eval-episodes", "2"]) == 0
+    rows = {row["seed"]: row for row in read_rows(out)}
+    assert sorted(rows) == ["1", "2"]
+    assert rows["1"] == first[0]  # the earlier run as it was tabled, wall time included
+    for seed, row in rows.items():
+        workdir = out / "runs" / "qlearning_cartpole" / f"seed-{seed}"
+        returns = [value for _, value in read_scalars(workdir / "runs")["eval/episodic_return"]]
+        assert float(row["eval_return"]) == pytest.approx(np.mean(returns))
+    table = (out / "results.md").read_text()
+    assert table.startswith(
+        "Seeds 1, 2; default settings, --total-timesteps 2000, --eval-episodes 2"
+    )
+    assert "1: " in table and "2: " in table
+    assert curves.main([*argv, "--seeds", "3", "--", "--eval-episodes", "2"]) == 0
+    assert [row["seed"] for row in read_rows(out)] == ["3"]
