@@ -633,13 +633,24 @@ def atari_game(env_id: str) -> tuple[str, float]:
     fail(f"unknown environment id {env_id!r}{hint}")
 
 
+# Copied from ppo_cartpole.py: newest_checkpoint
+def newest_checkpoint(folder: str) -> str:
+    """The checkpoint of the latest step in `folder` (a stopped run's folder, or its kept ones)."""
+    paths = sorted(str(path) for path in Path(folder).glob(f"*{CHECKPOINT_SUFFIX}"))
+    if not paths:
+        fail(f"{folder} holds no checkpoints (*{CHECKPOINT_SUFFIX}) to resume from")
+    return max(paths, key=lambda path: load_checkpoint(path, resume=True)["global_step"])
+
+
 # Copied from ppo_cartpole.py: parse_args
 def parse_args(argv: list[str] | None = None) -> Args:
     """The command line as Args. With --resume or --eval-checkpoint, every flag left out takes the
     checkpoint's setting, so `--resume PATH` alone continues the run that PATH belongs to (for a
-    folder of checkpoints, the settings of its first)."""
+    folder of checkpoints, the settings of its first). `--resume FOLDER` continues from the
+    newest checkpoint in the folder, and says which."""
     args = tyro.cli(Args, args=argv)
-    path = args.resume or args.eval_checkpoint
+    newest = newest_checkpoint(args.resume) if args.resume and Path(args.resume).is_dir() else None
+    path = newest or args.resume or args.eval_checkpoint
     if path is not None and Path(path).is_dir():
         path = next(iter(sorted(Path(path).glob(f"*{CHECKPOINT_SUFFIX}"))), None)
     if path is None:  # (an empty folder is reported by the evaluation of the folder)
@@ -648,7 +659,12 @@ def parse_args(argv: list[str] | None = None) -> Args:
     known = {field.name for field in fields(Args)}
     defaults = Args(**{name: value for name, value in saved_args.items() if name in known})
     defaults.resume = defaults.eval_checkpoint = None
-    return tyro.cli(Args, args=argv, default=defaults)
+    args = tyro.cli(Args, args=argv, default=defaults)
+    if newest is not None:
+        print(f"note: resuming from {newest}, the newest checkpoint in {args.resume}",
+              file=sys.stderr)  # fmt: skip
+        args.resume = newest
+    return args
 
 
 # Settings that may differ between a run and its resumption (budget, logging, tracking, speed,

@@ -433,6 +433,25 @@ def test_checkpoint_alone_evaluates_and_resumes_with_its_own_settings(
         ), lines
 
 
+def test_resume_of_a_folder_continues_from_its_newest_checkpoint_and_says_which(in_tmp, capsys):
+    main_in_process(*TINY, "--checkpoint-freq", "256", "--total-timesteps", "768")
+    (folder,) = in_tmp.glob("runs/*/checkpoints")
+    newest = max(folder.glob("*.pt"))  # named by step
+    assert torch.load(newest, weights_only=True)["global_step"] == 768
+    capsys.readouterr()
+    main_in_process("--resume", folder, "--total-timesteps", "1024")
+    err = capsys.readouterr().err
+    assert f"note: resuming from {newest}, the newest checkpoint in {folder}" in err, err
+    (checkpoint,) = in_tmp.glob("runs/*/ppo_cartpole.pt")
+    assert torch.load(checkpoint, weights_only=True)["global_step"] == 1024
+    # A folder with no checkpoint in it is refused in one line.
+    (in_tmp / "empty").mkdir()
+    code, lines = run_in_process(capsys, "--resume", in_tmp / "empty")
+    assert code == 2 and lines == [
+        f"error: {in_tmp / 'empty'} holds no checkpoints (*.pt) to resume from"
+    ], lines
+
+
 def test_resume_restores_weights_optimizer_and_schedule_exactly(in_tmp, capsys):
     main_in_process(*TINY)
     (checkpoint,) = in_tmp.glob("runs/*/ppo_cartpole.pt")
