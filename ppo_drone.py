@@ -1237,8 +1237,8 @@ class Run:
     """What the training loop does besides the algorithm, behind three calls: the run's name and
     resumed state, TensorBoard (and W&B) logging, the progress bar, checkpoint files, and stop
     signals. Ctrl-C (SIGINT) or SIGTERM (job schedulers, `timeout`, `docker stop`) stops training
-    at the end of the iteration with a checkpoint; a second signal aborts at once; a signal during
-    the final evaluation ends it (the trained agent is saved by then)."""
+    at the end of the iteration with a checkpoint; a second signal aborts at once (exit 128 + n, one
+    line); a signal during the final evaluation ends it (the trained agent is saved by then)."""
 
     def __init__(self, args: Args, total_steps: int):
         self.args = args
@@ -1285,11 +1285,15 @@ class Run:
         )
 
     def _on_signal(self, signum, frame):
-        if self.signum is not None or self.evaluating:
+        name = signal.Signals(signum).name
+        if self.evaluating:  # the trained agent is saved: end the evaluation (see finish)
             self.signum = self.signum or signum
             raise KeyboardInterrupt
+        if self.signum is not None:  # the second signal: abort from wherever the code is
+            print(f"\n{name} again: aborted; nothing was saved since the last checkpoint",
+                  file=sys.stderr)  # fmt: skip
+            raise SystemExit(128 + signum)
         self.signum = signum
-        name = signal.Signals(signum).name
         print(f"\n{name}: stopping after this iteration (send it again to abort without saving)",
               file=sys.stderr)  # fmt: skip
 

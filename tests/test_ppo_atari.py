@@ -220,8 +220,9 @@ def test_sigint_and_sigterm_ask_to_stop_and_a_second_signal_aborts(monkeypatch):
             assert run.signum is None
             os.kill(os.getpid(), signum)
             assert run.signum == signum
-            with pytest.raises(KeyboardInterrupt):
+            with pytest.raises(SystemExit) as exit_info:
                 os.kill(os.getpid(), signal.SIGINT)
+            assert exit_info.value.code == 130
     finally:
         for signum, handler in saved.items():
             signal.signal(signum, handler)

@@ -231,7 +231,7 @@ def test_logged_q_values_and_td_loss_match_a_slow_reference_with_replay(workdir,
 
 def test_a_second_signal_aborts_without_saving(workdir, monkeypatch):
     """The first signal asks for a stop at the end of the iteration; a second one, of either kind,
-    aborts at once (KeyboardInterrupt), without a checkpoint."""
+    aborts at once (exit 128 + the second's number), without a checkpoint."""
     calls = 0
     real_epsilon_greedy = qlearning_cartpole.epsilon_greedy
 
@@ -244,8 +244,9 @@ def test_a_second_signal_aborts_without_saving(workdir, monkeypatch):
         return real_epsilon_greedy(*args)
 
     monkeypatch.setattr(qlearning_cartpole, "epsilon_greedy", signalled_twice_at_the_third_step)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SystemExit) as exit_info:
         qlearning_cartpole.main(qlearning_cartpole.parse_args([*TINY]))
+    assert exit_info.value.code == 130
     assert calls == 3
     assert not list(workdir.rglob("*.npz"))
 
