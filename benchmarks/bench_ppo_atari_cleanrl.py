@@ -4,8 +4,9 @@ What a new user would compare: each script as shipped, on Pong, for the same age
 one after the other in one invocation, each in a fresh process:
   - CleanRL   cleanrl/ppo_atari.py from a CleanRL checkout (--cleanrl-repo; a bare git repository
               is read with `git show`), with the five edits it needs on gymnasium 1.x / ale-py 0.12
-              applied at run time into a temporary folder (see ../shared/FACTS.md; none touches the
-              algorithm), run as `ppo_atari.py --env-id PongNoFrameskip-v4 --no-cuda
+              applied at run time into a temporary folder (patch_cleanrl: register ale-py's ids,
+              two renamed wrappers, same-step autoreset, gymnasium 1.x's episode infos; none
+              touches the algorithm), run as `ppo_atari.py --env-id PongNoFrameskip-v4 --no-cuda
               --total-timesteps N`, every other setting its default (torch's default threads);
   - ppo_atari ppo_atari.py --total-timesteps N (ALE/Pong-v5 and every other setting its default;
               --eval-episodes 1 and --no-save-model only shorten what follows training).
@@ -69,7 +70,7 @@ def replace_once(source: str, old: str, new: str, what: str) -> str:
 
 
 def patch_cleanrl(source: str) -> str:
-    """The five edits of FACTS.md that let CleanRL's ppo_atari.py run on gymnasium 1.x."""
+    """The five edits that let CleanRL's ppo_atari.py run on gymnasium 1.x / ale-py 0.12."""
     # 1. ale-py's ids are registered only once ale_py is imported and registered.
     source = replace_once(
         source,

@@ -1,5 +1,5 @@
 """The scripts are teaching references: each reads top to bottom as the algorithm first, the
-plumbing after one banner. These tests hold the shape that SPEC §1 asks of every script."""
+plumbing after one banner. These tests hold the shape that CONTRIBUTING.md asks of every script."""
 
 from __future__ import annotations
 
