@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -580,6 +581,25 @@ def test_a_signal_during_the_final_evaluation_ends_it_with_the_signal_status(
     assert "Traceback" not in result.stderr and "done:" not in result.stdout
     (checkpoint,) = result.checkpoints()
     assert torch.load(checkpoint, weights_only=True)["global_step"] == 1024
+
+
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_whose_interrupt_was_swallowed_still_ends_the_run(in_tmp, capsys, signum, code):
+    """Python drops an exception raised inside a garbage collector's callback (JAX registers one):
+    the evaluation then returns as if no signal had come, and finish must still exit 128 + n."""
+    run = ppo_cartpole.Run(ppo_cartpole.Args(save_model=False), total_steps=64)
+
+    def final_evaluation(video_folder):
+        with contextlib.suppress(KeyboardInterrupt):  # lost, as inside a gc callback
+            os.kill(os.getpid(), signum)
+        return {"eval/episodic_return": np.zeros(2)}, "evaluated"
+
+    with pytest.raises(SystemExit) as exit_info:
+        run.finish({}, 64, final_evaluation)
+    assert exit_info.value.code == code
+    err = capsys.readouterr().err
+    name = signal.Signals(signum).name
+    assert f"{name}: the final evaluation was stopped at step 64" in err, err
 
 
 def test_a_resumed_run_records_its_evaluation_into_a_folder_of_its_own(run_script):
