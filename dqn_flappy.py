@@ -2,15 +2,14 @@
 
 For FlappyBird-v0 or any gymnasium env with a Discrete action space, seeing the game's state
 (--obs-type features, an MLP), its lidar scan (lidar) or 4 stacked 84x84 frames (pixels, the
-Nature CNN: a GPU run). The run keeps and delivers the best network of its greedy evaluations.
+Nature CNN, with defaults of its own). The run delivers the best network of its greedy evaluations.
 
 Run:
     python dqn_flappy.py                                             # train, evaluate, save
     python dqn_flappy.py --resume runs/<run>/dqn_flappy.pt           # continue a stopped run
     python dqn_flappy.py --eval-checkpoint runs/<run>/dqn_flappy.pt --capture-video
     python dqn_flappy.py --eval-checkpoint runs/<run>/checkpoints      # the evaluation curve
-    python dqn_flappy.py --obs-type pixels --total-timesteps 2000000 --batch-size 32 \
-        --learning-rate 1e-4 --target-network-frequency 1000 --train-frequency 4
+    python dqn_flappy.py --obs-type pixels                           # learn from the screen
 
 Expect (defaults): 10+ pipes per greedy episode after 250k steps, 1-2 min on a CPU; see README.md.
 """
@@ -19,6 +18,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import signal
 import sys
 import time
@@ -32,6 +32,7 @@ import cv2
 import flappy_bird_gymnasium  # noqa: F401  (registers FlappyBird-v0)
 import gymnasium as gym
 import numpy as np
+import pygame
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -50,9 +51,9 @@ class Args:
     """make cuDNN deterministic (cudnn.deterministic=True, cudnn.benchmark=False)"""
     cuda: bool = True
     """use a GPU when one is present (worth it for --obs-type pixels only)"""
-    # One thread: for networks this small, more threads spend their time waiting for each other.
-    torch_threads: int = 1
-    """CPU threads for torch"""
+    # One for the MLPs (more threads would wait for each other); the CNN's convolutions use two.
+    torch_threads: int | None = None
+    """CPU threads for torch (default 1; pixels 2)"""
     track: bool = False
     """log the run to Weights & Biases (works offline with WANDB_MODE=offline)"""
     wandb_project_name: str = "rl-scripts"
@@ -62,7 +63,7 @@ class Args:
     wandb_group: str | None = None
     """W&B group, so the seeds of one experiment plot together (default: --exp-name)"""
     capture_video: bool = False
-    """record the evaluation episodes (the game's own frames) as mp4 under videos/<run_name>/"""
+    """record the evaluation episodes as mp4 in videos/<run_name>/ (pixels: what the agent sees)"""
     save_model: bool = True
     """save the checkpoint runs/<run_name>/<exp_name>.pt (at the end, periodically, on a signal)"""
     checkpoint_freq: int = 100_000
@@ -84,14 +85,14 @@ class Args:
     """a gymnasium environment with a Discrete action space (FlappyBird-v0 for lidar/pixels)"""
     obs_type: Literal["features", "lidar", "pixels"] = "features"
     """what the agent sees: the game's state vector, its lidar scan, or stacked 84x84 frames"""
-    total_timesteps: int = 250_000
-    """environment steps to train for (summed over the vectorised envs)"""
+    total_timesteps: int | None = None
+    """environment steps to train for, summed over the envs (default 250k; pixels 360k)"""
     max_episode_steps: int = 10_000
     """time limit of an episode (a truncation: the target still bootstraps); ~270 pipes"""
     num_envs: int = 8
     """number of environments stepped in parallel (one forward pass acts for all of them)"""
-    learning_rate: float = 1e-3
-    """Adam learning rate"""
+    learning_rate: float | None = None
+    """Adam learning rate (default 1e-3; pixels 1e-4)"""
     buffer_size: int = 100_000
     """replay buffer capacity in transitions (pixels: 100k frames of 84x84 take 0.7 GB)"""
     # 0.97 (a horizon of ~33 frames) rather than 0.99: a bad flap's death comes within a second.
@@ -99,10 +100,10 @@ class Args:
     """discount factor"""
     tau: float = 1.0
     """target network update rate: 1 copies the online network, < 1 is Polyak averaging"""
-    target_network_frequency: int = 200
-    """environment steps between target network updates"""
-    batch_size: int = 256
-    """transitions sampled from the replay buffer per gradient step"""
+    target_network_frequency: int | None = None
+    """environment steps between target network updates (default 200; pixels 1000)"""
+    batch_size: int | None = None
+    """transitions sampled from the replay buffer per gradient step (default 256; pixels 32)"""
     # Low on purpose: a random action flaps half the time, which lifts the bird into the first
     # pipe within a second; such episodes teach little, the greedy policy's own mistakes more.
     start_epsilon: float = 0.1
@@ -123,41 +124,79 @@ class Args:
     """width of the two hidden layers of the MLP (features and lidar)"""
     frame_stack: int = 4
     """frames stacked into one observation (pixels only)"""
+    background: Literal["day", "night", "plain"] | None = None
+    """the scenery behind FlappyBird (default day; pixels plain: no scenery to learn around)"""
+    bf16: bool = True
+    """run the pixel CNN in bfloat16 where the hardware has native bf16 (see QNetwork)"""
 
-    @property
-    def num_iterations(self) -> int:
-        return max(1, self.total_timesteps // self.num_envs)
-
-    @property
-    def exploration_steps(self) -> int:
-        return max(1, int(self.exploration_fraction * self.total_timesteps))
+    def __post_init__(self):  # the fields left at None take their mode's default
+        apply_mode_defaults(self)
 
     @property
     def stack(self) -> int | None:  # frames per observation; None: a vector, no stack axis
         return self.frame_stack if self.obs_type == "pixels" else None
 
 
+# What the fields left at None default to, by observation type: a network that sees the screen
+# learns from a smaller batch at a lower rate, for longer (the settings of the Atari DQN).
+MODE_DEFAULTS = {
+    "vectors": dict(
+        total_timesteps=250_000, learning_rate=1e-3, target_network_frequency=200,
+        batch_size=256, background="day", torch_threads=1,
+    ),
+    "pixels": dict(
+        total_timesteps=360_000, learning_rate=1e-4, target_network_frequency=1000,
+        batch_size=32, background="plain", torch_threads=2,
+    ),
+}  # fmt: skip
+
+
+def apply_mode_defaults(args: Args) -> None:
+    """Fill the fields left at None with the defaults of --obs-type (Args.__post_init__)."""
+    defaults = MODE_DEFAULTS["pixels" if args.obs_type == "pixels" else "vectors"]
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+
+
 def env_kwargs(args: Args) -> dict:
-    """FlappyBird chooses between its state vector and its lidar scan at construction."""
-    return {"use_lidar": args.obs_type == "lidar"} if args.env_id.startswith("FlappyBird") else {}
+    """FlappyBird's options: its state vector or its lidar scan, and the scenery it draws."""
+    if not args.env_id.startswith("FlappyBird"):
+        return {}
+    background = None if args.background == "plain" else args.background
+    return {"use_lidar": args.obs_type == "lidar", "background": background}
+
+
+# The network's input: square grayscale frames of this many pixels a side (the Nature DQN's).
+FRAME_SIZE = 84
 
 
 class PixelObservation(gym.ObservationWrapper):
-    """Replace the observation with the rendered frame: cropped, grayscale, 84x84, uint8. The
-    bottom 21% of a frame is the ground, the same in every frame: cropping it spends the 84 rows on
+    """Replace the observation with the screen: cropped, grayscale, FRAME_SIZE square, uint8. The
+    bottom 21% of a frame is the ground, the same in every frame: cropping it spends the rows on
     the sky the bird flies in."""
 
-    def __init__(self, env: gym.Env, size: int = 84, keep_rows: float = 0.79):
+    def __init__(self, env: gym.Env, keep_rows: float = 0.79):
         super().__init__(env)
-        self.size, self.keep_rows = size, keep_rows
-        self.observation_space = gym.spaces.Box(0, 255, (size, size), np.uint8)
+        self.keep_rows = keep_rows
+        self.observation_space = gym.spaces.Box(0, 255, (FRAME_SIZE, FRAME_SIZE), np.uint8)
 
     def observation(self, observation):
+        game = self.env.unwrapped
+        if hasattr(game, "_draw_surface"):
+            # FlappyBird: shrink its own drawing surface straight to the network's size. render()
+            # would first copy and transpose the whole 288x512 screen, most of a step's time.
+            game._draw_surface(show_score=False, show_rays=False)
+            width, height = game._surface.get_size()
+            sky = game._surface.subsurface((0, 0, width, int(height * self.keep_rows)))
+            small = pygame.transform.smoothscale(sky, (FRAME_SIZE, FRAME_SIZE))  # averages pixels
+            frame = pygame.surfarray.array3d(small).transpose(1, 0, 2)
+            return cv2.cvtColor(np.ascontiguousarray(frame), cv2.COLOR_RGB2GRAY)
         frame = self.env.render()
         frame = frame[: int(frame.shape[0] * self.keep_rows)]
         gray = cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY)
         # INTER_AREA averages the pixels it merges: thin pipe edges survive the 5x shrink.
-        return cv2.resize(gray, (self.size, self.size), interpolation=cv2.INTER_AREA)
+        return cv2.resize(gray, (FRAME_SIZE, FRAME_SIZE), interpolation=cv2.INTER_AREA)
 
 
 def make_env(args: Args, render: bool = False) -> gym.Env:
@@ -167,6 +206,8 @@ def make_env(args: Args, render: bool = False) -> gym.Env:
                    max_episode_steps=args.max_episode_steps, **env_kwargs(args))  # fmt: skip
     env = gym.wrappers.RecordEpisodeStatistics(env)
     if pixels:
+        # No action repeat: one agent step is one game frame (30 per second), as in the features
+        # mode, because a flap must be timed to the frame to pass a gap.
         env = PixelObservation(env)
         # "reset" padding repeats an episode's first frame; ReplayBuffer stacks the same way.
         env = gym.wrappers.FrameStackObservation(env, args.frame_stack, padding_type="reset")
@@ -185,9 +226,9 @@ def make_envs(args: Args) -> gym.vector.VectorEnv:
 class QNetwork(nn.Module):
     """Q-values of every action: the Nature CNN for stacked frames, an MLP for vectors."""
 
-    def __init__(self, obs_shape: tuple[int, ...], num_actions: int, hidden_size: int = 256):
+    def __init__(self, obs_shape, num_actions: int, hidden_size: int = 256, bf16: bool = False):
         super().__init__()
-        self.pixels = len(obs_shape) == 3
+        self.pixels, self.bf16 = len(obs_shape) == 3, bf16
         if self.pixels:
             self.network = nn.Sequential(
                 nn.Conv2d(obs_shape[0], 32, 8, stride=4), nn.ReLU(),
@@ -204,8 +245,14 @@ class QNetwork(nn.Module):
             )  # fmt: skip
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
-        # Frames travel as uint8 (4x less to copy) and are scaled to [0, 1] only here.
-        return self.network(obs.float() / 255.0 if self.pixels else obs)
+        if not self.pixels:
+            return self.network(obs)
+        # Frames travel as uint8 (4x less to copy), scaled to [0, 1] here. Channels-last and bf16
+        # speed up the CPU convolutions; the Q head stays fp32 (bf16 blurs values 0.4% apart).
+        frames = obs.float().div_(255.0).contiguous(memory_format=torch.channels_last)
+        with torch.autocast(frames.device.type, torch.bfloat16, enabled=self.bf16):
+            hidden = self.network[:-1](frames)
+        return self.network[-1](hidden.float())
 
 
 def linear_schedule(start: float, end: float, duration: int, step: int) -> float:
@@ -217,9 +264,8 @@ def td_targets(rewards, terminated, next_q_target, next_q_online, gamma: float) 
     """One-step TD targets r + gamma * (1 - terminated) * Q_target(s', a').
 
     a' = argmax Q_target(s') for DQN (`next_q_online` None), argmax Q_online(s') for Double DQN:
-    picking and valuing the action with the same noisy estimate biases the max upwards; the
-    online network picks, the target network values. `terminated` only, not truncated: a time
-    limit ends the episode but not the game, so the target still bootstraps from s'.
+    one noisy estimate that picks and values the action biases the max upwards. `terminated`
+    only, not truncated: a time limit ends the episode, not the game; the target bootstraps.
     """
     chooser = next_q_target if next_q_online is None else next_q_online
     next_actions = chooser.argmax(dim=1, keepdim=True)
@@ -231,17 +277,16 @@ class ReplayBuffer:
     """Uniform replay over a preallocated NumPy ring with one slot per env per vector step.
 
     Slot t of env e holds the newest frame of the observation seen at step t, the action taken,
-    and the reward and termination that followed; the next observation is slot t + 1. So every
-    frame is stored once, and the k stacked frames of an observation are read back from k
-    consecutive slots: for pixels, 1 frame per transition instead of 2 x 4 in (obs, next_obs).
-
-    The autoreset step after an episode's end is stored (its frame is the final observation) but
-    flagged `final`, and sampling never starts a transition there. The slot after it is `first`:
-    stacks never reach back across it but repeat it, as FrameStackObservation(padding="reset") does.
+    and the reward and termination that followed; the next observation is slot t + 1. Each frame
+    is stored once (not 2 x 4 times in (obs, next_obs)); a stack is read from consecutive slots.
+    The autoreset step after an episode is stored (its frame is the final observation) but flagged
+    `final`: no transition starts there. The slot after it is `first`: stacks never reach back
+    across it but repeat it, as FrameStackObservation(padding="reset") does.
     """
 
-    def __init__(self, capacity, num_envs, frame_shape, frame_dtype, stack=None, seed: int = 0):
+    def __init__(self, capacity, num_envs, frame_shape, frame_dtype, stack: int | None, seed=0):
         self.capacity, self.num_envs, self.stack = capacity, num_envs, stack
+        self.frames_per_obs = stack or 1
         self.frames = np.zeros((capacity, num_envs, *frame_shape), dtype=frame_dtype)
         self.actions = np.zeros((capacity, num_envs), dtype=np.int64)
         self.rewards = np.zeros((capacity, num_envs), dtype=np.float32)
@@ -275,7 +320,7 @@ class ReplayBuffer:
         valid = ~self.final[t, e] & (t != newest)  # the newest slot has no next observation yet
         if self.full:
             # The oldest stack - 1 slots would stack frames that were overwritten by the newest.
-            valid &= (t - self.pos) % self.capacity >= (self.stack or 1) - 1
+            valid &= (t - self.pos) % self.capacity >= self.frames_per_obs - 1
         return valid
 
     def _stacked(self, t: np.ndarray, e: np.ndarray) -> np.ndarray:
@@ -346,12 +391,38 @@ def keep_if_best(best: dict, q_network: QNetwork, args: Args, global_step: int, 
         best.update(mean_return=float(returns.mean()), step=global_step, model=model)
 
 
+def load_delivered(q_network: QNetwork, best: dict) -> None:
+    """The network the run delivers: the best of the periodic evaluations, if there were any."""
+    if best["model"] is not None:
+        q_network.load_state_dict(best["model"])
+
+
+def final_evaluation(q_network, best: dict, args: Args, device, video_folder: str | None):
+    """On episodes no periodic evaluation played: the delivered (best) network, and the last
+    one beside it, so that what keeping the best bought is in plain view."""
+    episodes, eval_seed = args.eval_episodes, args.seed + EVAL_SEED_OFFSET
+    last_returns, last_scores = evaluate(q_network, args, episodes, eval_seed, device)
+    load_delivered(q_network, best)
+    returns, scores = evaluate(q_network, args, episodes, eval_seed, device, video_folder)
+    per_episode = {
+        "eval/episodic_return": returns,
+        "eval/episodic_score": scores,  # pipes passed (NaN where the env keeps no score)
+        "eval/last_network/episodic_return": last_returns,
+        "eval/last_network/episodic_score": last_scores,
+    }
+    last = describe_eval(last_returns, last_scores)
+    delivered = f"{delivered_network(best)}: {describe_eval(returns, scores)}"
+    return per_episode, f"{delivered}; last network: {last}"
+
+
 def main(args: Args) -> None:
     validate(args)
     if args.eval_checkpoint:
         return evaluate_checkpoint(args)
+    num_iterations = max(1, args.total_timesteps // args.num_envs)  # one step of every env each
+    exploration_steps = max(1, int(args.exploration_fraction * args.total_timesteps))
     # The run's name, loggers, progress bar and stop signals; with --resume, the saved state.
-    run = Run(args, total_steps=args.num_iterations * args.num_envs)
+    run = Run(args, total_steps=num_iterations * args.num_envs)
     global_step = run.start_step
     # A resumed run reseeds with an offset so it does not replay the random stream of its start.
     seed = args.seed + global_step // args.num_envs
@@ -366,24 +437,15 @@ def main(args: Args) -> None:
     # The best network of the periodic greedy evaluations: the network the run delivers.
     best = resumed_best(run.resumed, args) if run.resumed else fresh_best(args)
 
-    def training_state() -> dict:
-        # Not saved: the replay buffer (0.7 GB of frames for pixels; a resumed run refills
-        # --learning-starts steps before it updates) and epsilon (it follows from the step).
-        return {
-            "kind": CHECKPOINT_KIND,
-            "env_id": args.env_id,
-            "run_name": run.name,
-            "args": asdict(args),
-            "global_step": global_step,
-            "model": q_network.state_dict(),
-            "target_model": target_network.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "best": best,
-        }
+    def state() -> dict:  # what a checkpoint holds, read at the moment it is saved
+        return training_state(
+            args, run.name, global_step, q_network, target_network, optimizer, best
+        )
 
     envs = make_envs(args)
-    frame_shape = (84, 84) if args.obs_type == "pixels" else envs.single_observation_space.shape
-    frame_dtype = np.uint8 if args.obs_type == "pixels" else np.float32
+    pixels = args.obs_type == "pixels"
+    frame_shape = (FRAME_SIZE, FRAME_SIZE) if pixels else envs.single_observation_space.shape
+    frame_dtype = np.uint8 if pixels else np.float32
     rb = ReplayBuffer(
         args.buffer_size // args.num_envs, args.num_envs, frame_shape, frame_dtype, args.stack, seed
     )
@@ -392,9 +454,9 @@ def main(args: Args) -> None:
     # True where the env's observation is the last of its episode: its next step is the autoreset.
     final = np.zeros(args.num_envs, dtype=np.bool_)
     stats = {"finite": True}
-    for iteration in range(global_step // args.num_envs + 1, args.num_iterations + 1):
+    for iteration in range(global_step // args.num_envs + 1, num_iterations + 1):
         # Act epsilon-greedily in every env and store the step.
-        epsilon = linear_schedule(args.start_epsilon, args.end_epsilon, args.exploration_steps,
+        epsilon = linear_schedule(args.start_epsilon, args.end_epsilon, exploration_steps,
                                   global_step)  # fmt: skip
         previous_step, global_step = global_step, global_step + args.num_envs
         explore = rng.random(args.num_envs) < epsilon
@@ -423,42 +485,45 @@ def main(args: Args) -> None:
 
         # Keep the best greedy network, judged on episodes of its own; the last one competes too.
         evaluation_due = crossed(args.eval_freq, global_step, previous_step)
-        if stats["finite"] and (evaluation_due or iteration == args.num_iterations):
+        if stats["finite"] and (evaluation_due or iteration == num_iterations):
             keep_if_best(best, q_network, args, global_step, device, run.writer)
 
         # Logging, the NaN check, the progress bar, checkpoints and stop signals.
         scalars = {f"losses/{key}": value for key, value in stats.items() if key != "finite"}
         scalars["charts/epsilon"] = epsilon
         scalars["charts/learning_rate"] = optimizer.param_groups[0]["lr"]
-        if run.end_iteration(global_step, previous_step, scalars, training_state, stats["finite"]):
+        if run.end_iteration(global_step, previous_step, scalars, state, stats["finite"]):
             break
     envs.close()
 
-    def final_evaluation(video_folder: str | None) -> tuple[dict[str, np.ndarray], str]:
-        """On episodes no periodic evaluation played: the delivered (best) network, and the last
-        one beside it, so that what keeping the best bought is in plain view."""
-        episodes, eval_seed = args.eval_episodes, args.seed + EVAL_SEED_OFFSET
-        last_returns, last_scores = evaluate(q_network, args, episodes, eval_seed, device)
-        load_delivered(q_network, best)
-        returns, scores = evaluate(q_network, args, episodes, eval_seed, device, video_folder)
-        per_episode = {
-            "eval/episodic_return": returns,
-            "eval/episodic_score": scores,  # pipes passed (NaN where the env keeps no score)
-            "eval/last_network/episodic_return": last_returns,
-            "eval/last_network/episodic_score": last_scores,
-        }
-        last = describe_eval(last_returns, last_scores)
-        delivered = f"{delivered_network(best)}: {describe_eval(returns, scores)}"
-        return per_episode, f"{delivered}; last network: {last}"
-
-    # Save, evaluate, summarise; after Ctrl-C or SIGTERM, exit 130 or 143 instead.
-    run.finish(training_state(), global_step, final_evaluation)
+    # Save, evaluate the delivered network, summarise; after Ctrl-C or SIGTERM, exit 130 or 143.
+    run.finish(
+        state(), global_step, lambda video: final_evaluation(q_network, best, args, device, video)
+    )
 
 
 # ----------------------------------------------------------------------------------------------
 # Plumbing: validation, evaluation of a checkpoint, checkpoint files, logging and stop signals.
 # A first reading can stop here: nothing below changes what the algorithm computes.
 # ----------------------------------------------------------------------------------------------
+
+
+def training_state(args, run_name, global_step, q_network, target_network, optimizer, best):
+    """What a checkpoint holds. Not saved: the replay buffer (0.7 GB of frames for pixels; a
+    resumed run refills --learning-starts steps before it updates) and epsilon (it follows from
+    the step)."""
+    return {
+        "kind": CHECKPOINT_KIND,
+        "env_id": args.env_id,
+        "run_name": run_name,
+        "args": asdict(args),
+        "global_step": global_step,
+        "model": q_network.state_dict(),
+        "target_model": target_network.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "best": best,
+    }
+
 
 # Checkpoints say what they hold by this kind, not by the script's file name, so a renamed copy of
 # this script still loads its own checkpoints.
@@ -523,10 +588,11 @@ def validate(args: Args) -> None:
             fail(f"--{name.replace('_', '-')} must be in (0, 1], got {getattr(args, name)}")
     if args.buffer_size < args.batch_size:
         fail(f"--buffer-size {args.buffer_size} is smaller than --batch-size {args.batch_size}")
-    if args.buffer_size // args.num_envs <= (args.stack or 1) + 1:
+    slots, needed = args.buffer_size // args.num_envs, (args.stack or 1) + 1
+    if slots <= needed:
         fail(
-            f"--buffer-size {args.buffer_size} leaves {args.buffer_size // args.num_envs} slots"
-            f" per env; it needs more than frame_stack + 1 = {(args.stack or 1) + 1}"
+            f"--buffer-size {args.buffer_size} leaves {slots} slots per env; it needs more than"
+            f" frame_stack + 1 = {needed}"
         )
     if args.resume and args.eval_checkpoint:
         fail("give either --resume or --eval-checkpoint, not both")
@@ -567,9 +633,11 @@ def check_env(args: Args) -> None:
 def parse_args(argv: list[str] | None = None) -> Args:
     """The command line as Args. With --resume or --eval-checkpoint, every flag left out takes the
     checkpoint's setting, so `--resume PATH` alone continues the run that PATH belongs to (for a
-    folder of checkpoints, the settings of its first)."""
+    folder of checkpoints, the settings of its first). `--resume FOLDER` continues from the
+    newest checkpoint in the folder, and says which."""
     args = tyro.cli(Args, args=argv)
-    path = args.resume or args.eval_checkpoint
+    newest = newest_checkpoint(args.resume) if args.resume and Path(args.resume).is_dir() else None
+    path = newest or args.resume or args.eval_checkpoint
     if path is not None and Path(path).is_dir():
         path = next(iter(sorted(Path(path).glob(f"*{CHECKPOINT_SUFFIX}"))), None)
     if path is None:  # (an empty folder is reported by the evaluation of the folder)
@@ -578,7 +646,21 @@ def parse_args(argv: list[str] | None = None) -> Args:
     known = {field.name for field in fields(Args)}
     defaults = Args(**{name: value for name, value in saved_args.items() if name in known})
     defaults.resume = defaults.eval_checkpoint = None
-    return tyro.cli(Args, args=argv, default=defaults)
+    args = tyro.cli(Args, args=argv, default=defaults)
+    if newest is not None:
+        print(f"note: resuming from {newest}, the newest checkpoint in {args.resume}",
+              file=sys.stderr)  # fmt: skip
+        args.resume = newest
+    return args
+
+
+# Copied from ppo_cartpole.py: newest_checkpoint
+def newest_checkpoint(folder: str) -> str:
+    """The checkpoint of the latest step in `folder` (a stopped run's folder, or its kept ones)."""
+    paths = sorted(str(path) for path in Path(folder).glob(f"*{CHECKPOINT_SUFFIX}"))
+    if not paths:
+        fail(f"{folder} holds no checkpoints (*{CHECKPOINT_SUFFIX}) to resume from")
+    return max(paths, key=lambda path: load_checkpoint(path, resume=True)["global_step"])
 
 
 # Flags that may differ between a run and its resumption (budget, logging, tracking); every other
@@ -589,7 +671,9 @@ RESUME_MAY_CHANGE = {
     "checkpoint_freq", "log_interval", "eval_freq",
 }  # fmt: skip
 # Settings that shape the environment or the network: --eval-checkpoint may not change them.
-MODEL_SETTINGS = {"env_id", "obs_type", "hidden_size", "frame_stack", "max_episode_steps"}
+MODEL_SETTINGS = {
+    "env_id", "obs_type", "hidden_size", "frame_stack", "max_episode_steps", "background",
+}  # fmt: skip
 
 
 # Copied from ppo_cartpole.py: check_settings
@@ -636,14 +720,32 @@ def restore(checkpoint: dict, path: str, **objects) -> None:
         fail(f"{path} does not match this network ({str(error).splitlines()[0]})")
 
 
+# Copied from ppo_atari.py: native_bf16
+def native_bf16(device: torch.device) -> bool:
+    """True where bfloat16 matrix arithmetic runs in hardware: Ampere or newer GPUs; CPUs with
+    AVX512-BF16 or AMX. Elsewhere bf16 is emulated and slower than fp32, so the flag is ignored."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux: no cheap way to ask, stay in fp32
+        return False
+    return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", flags))
+
+
 def build_q_network(args: Args, device: torch.device) -> QNetwork:
     """The network for this env and observation type (shapes read from a throwaway env)."""
     env = gym.make(args.env_id, **env_kwargs(args))
     num_actions = int(env.action_space.n)
     pixels = args.obs_type == "pixels"
-    obs_shape = (args.frame_stack, 84, 84) if pixels else env.observation_space.shape
+    frames = (args.frame_stack, FRAME_SIZE, FRAME_SIZE)
+    obs_shape = frames if pixels else env.observation_space.shape
     env.close()
-    return QNetwork(tuple(obs_shape), num_actions, args.hidden_size).to(device)
+    q_network = QNetwork(tuple(obs_shape), num_actions, args.hidden_size,
+                         bf16=pixels and args.bf16 and native_bf16(device))  # fmt: skip
+    return q_network.to(
+        device, memory_format=torch.channels_last if pixels else torch.preserve_format
+    )
 
 
 @torch.inference_mode()
@@ -669,9 +771,11 @@ def evaluate(
             import warnings
 
             # Each env records its first episode (env-<i>-episode-0.mp4): one video per evaluation
-            # episode, of env.render(), the game's own frames (not the 84x84 the agent sees). The
+            # episode, of the game's own frames, or for pixels of the frames the agent sees. The
             # recorders after the first find the folder the first one made; the warning about
             # overwriting it would be about their siblings, so it is theirs to skip.
+            if args.obs_type == "pixels":
+                env = AgentView(env)
             with warnings.catch_warnings():
                 if index > 0:
                     warnings.filterwarnings("ignore", message=".*Overwriting existing videos")
@@ -700,6 +804,29 @@ def evaluate(
         playing &= ~ended
     envs.close()
     return returns, scores
+
+
+class AgentView(gym.Wrapper):
+    """render() returns what the agent saw last: the newest of its stacked 84x84 grayscale frames,
+    as RGB and 4x larger (336x336), so that a recorded video shows the input the policy acted on."""
+
+    def __init__(self, env: gym.Env, scale: int = 4):
+        super().__init__(env)
+        self.scale, self.frame = scale, None
+
+    def reset(self, **kwargs):
+        obs, info = self.env.reset(**kwargs)
+        self.frame = obs[-1]
+        return obs, info
+
+    def step(self, action):
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        self.frame = obs[-1]
+        return obs, reward, terminated, truncated, info
+
+    def render(self) -> np.ndarray:
+        big = self.frame.repeat(self.scale, axis=0).repeat(self.scale, axis=1)
+        return np.stack([big] * 3, axis=-1)
 
 
 def periodic_eval_episodes(args: Args) -> dict:
@@ -752,12 +879,6 @@ def resumed_best(checkpoint: dict, args: Args) -> dict:
     return saved_best
 
 
-def load_delivered(q_network: QNetwork, best: dict) -> None:
-    """The network the run delivers: the best of the periodic evaluations, if there were any."""
-    if best["model"] is not None:
-        q_network.load_state_dict(best["model"])
-
-
 def delivered_network(best: dict) -> str:
     """Which network load_delivered loads, in words."""
     return "last network" if best["model"] is None else f"best network (step {best['step']})"
@@ -789,21 +910,32 @@ def evaluate_checkpoint(args: Args) -> None:
         check_settings(args, checkpoint["args"], set(checkpoint["args"]) - MODEL_SETTINGS)
         return checkpoint
 
-    def play(checkpoint: dict | None, path: str = "", video: str | None = None) -> dict:
+    def play(checkpoint: dict | None, path: str = "", video=None, delivered=True) -> dict:
         q_network = None  # None: the uniformly random policy
         if checkpoint is not None:
             q_network = build_q_network(args, device())
             restore(checkpoint, path, model=q_network)
-            load_delivered(q_network, checkpoint["best"])
+            if delivered:  # else the network the checkpoint was training at its step
+                load_delivered(q_network, checkpoint["best"])
         eval_seed = args.seed + EVAL_SEED_OFFSET
         returns, pipes = evaluate(q_network, args, args.eval_episodes, eval_seed, device(), video)
         # The pipes passed, where the game counts them: the folder's curve gives them a panel.
         return {"return": returns} | ({} if np.isnan(pipes).any() else {"pipes": pipes})
 
     if Path(args.eval_checkpoint).is_dir():
-        evaluate_checkpoint_folder(
-            args.eval_checkpoint, load, play, CHECKPOINT_SUFFIX, "environment steps"
+        # Each checkpoint's own network, so the curve shows how the score swings, and a mark at
+        # the network the newest checkpoint delivers (kept files are named in step order).
+        kept = sorted(Path(args.eval_checkpoint).glob(f"*{CHECKPOINT_SUFFIX}"))
+        best = load(str(kept[-1]))["best"] if kept else {"model": None}
+        mark = (
+            None
+            if best["model"] is None
+            else (best["step"], f"delivered: {delivered_network(best)}")
         )
+        evaluate_checkpoint_folder(
+            args.eval_checkpoint, load, lambda checkpoint, path: play(checkpoint, path,
+            delivered=False), CHECKPOINT_SUFFIX, "environment steps", mark,
+        )  # fmt: skip
         return
     checkpoint = load(args.eval_checkpoint)
     video = f"videos/{checkpoint['run_name']}/eval-checkpoint" if args.capture_video else None
@@ -819,10 +951,11 @@ def evaluate_checkpoint_folder(
     play: Callable[[dict | None, str], dict[str, np.ndarray]],
     suffix: str,
     x_label: str,
+    mark: tuple[int, str] | None = None,
 ) -> list[tuple[int, dict[str, np.ndarray]]]:
     """Evaluate every checkpoint (*`suffix`) in `folder` in step order: print a table, write
     eval_curve.csv and eval_curve.png into the folder; return [(step, metrics)], the random
-    policy's last with step -1.
+    policy's last with step -1. `mark` (step, label): a step the PNG marks on every panel.
 
     `load(path)` reads one checkpoint (a dict with "global_step" and "env_id") and fails with one
     line on a file that is not one of the script's or does not match the command line's flags;
@@ -898,6 +1031,9 @@ def evaluate_checkpoint_folder(
         smoothed = np.convolve(returns, np.ones(window) / window, mode="valid")
         label = f"training (mean of {window} episodes)"
         panels[0].plot(train_steps[window - 1 :], smoothed, linewidth=1, alpha=0.7, label=label)
+    if mark is not None:
+        for panel in panels:
+            panel.axvline(mark[0], color="black", linestyle=":", label=mark[1])
     panels[0].set_title(env_ids.pop())
     panels[0].legend(loc="best")
     panels[-1].set_xlabel(x_label)
@@ -923,20 +1059,39 @@ def training_returns(run_dir: Path) -> tuple[np.ndarray, np.ndarray]:
 # Copied from ppo_cartpole.py: save_checkpoint
 def save_checkpoint(path: Path, state: dict) -> None:
     """Write atomically and durably: the new file reaches the disk before it replaces the old one,
-    and the folder's entry after, so a crash or a power loss leaves one whole checkpoint or the
-    other under the name, never an empty file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    and the folder's entry after (and a new folder's own entry in its parent), so a crash or a
+    power loss leaves one whole checkpoint or the other under the name, never an empty file."""
+    make_folder(path.parent)
     temporary = path.with_name(path.name + ".tmp")
     with open(temporary, "wb") as file:
         torch.save(state, file)
         file.flush()
         os.fsync(file.fileno())
     os.replace(temporary, path)
-    folder = os.open(path.parent, os.O_RDONLY)
+    sync_folder(path.parent)
+
+
+# Copied from ppo_cartpole.py: make_folder
+def make_folder(folder: Path) -> None:
+    """mkdir -p, with each folder it creates synced into its parent."""
+    created = [path for path in (folder, *folder.parents) if not path.exists()]
+    folder.mkdir(parents=True, exist_ok=True)
+    for path in reversed(created):
+        sync_folder(path.parent)
+
+
+# Copied from ppo_cartpole.py: sync_folder
+def sync_folder(folder: Path) -> None:
+    """Flush a folder's entries (a rename, a new file) to the disk. Windows cannot open a folder
+    as a file (PermissionError), so there it is left to NTFS, which journals its entries."""
     try:
-        os.fsync(folder)
+        descriptor = os.open(folder, os.O_RDONLY)
+    except PermissionError:
+        return
+    try:
+        os.fsync(descriptor)
     finally:
-        os.close(folder)
+        os.close(descriptor)
 
 
 # Copied from ppo_cartpole.py: load_checkpoint
@@ -966,8 +1121,8 @@ class Run:
     """What the training loop does besides the algorithm, behind three calls: the run's name and
     resumed state, TensorBoard (and W&B) logging, the progress bar, checkpoint files, and stop
     signals. Ctrl-C (SIGINT) or SIGTERM (job schedulers, `timeout`, `docker stop`) stops training
-    at the end of the iteration with a checkpoint; a second signal aborts at once; a signal during
-    the final evaluation ends it (the trained agent is saved by then)."""
+    at the end of the iteration with a checkpoint; a second signal aborts at once (exit 128 + n, one
+    line); a signal during the final evaluation ends it (the trained agent is saved by then)."""
 
     def __init__(self, args: Args, total_steps: int):
         self.args = args
@@ -1014,11 +1169,15 @@ class Run:
         )
 
     def _on_signal(self, signum, frame):
-        if self.signum is not None or self.evaluating:
+        name = signal.Signals(signum).name
+        if self.evaluating:  # the trained agent is saved: end the evaluation (see finish)
             self.signum = self.signum or signum
             raise KeyboardInterrupt
+        if self.signum is not None:  # the second signal: abort from wherever the code is
+            print(f"\n{name} again: aborted; nothing was saved since the last checkpoint",
+                  file=sys.stderr)  # fmt: skip
+            raise SystemExit(128 + signum)
         self.signum = signum
-        name = signal.Signals(signum).name
         print(f"\n{name}: stopping after this iteration (send it again to abort without saving)",
               file=sys.stderr)  # fmt: skip
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import signal
 import sys
 from pathlib import Path
 
+import cv2
 import gymnasium as gym
+import imageio.v3 as iio
 import numpy as np
 import pytest
 import torch
@@ -608,8 +611,10 @@ def test_a_second_signal_aborts_without_saving(run_script):
         interrupt_when=has_periodic_checkpoint, interrupt_signals=(signal.SIGINT, signal.SIGINT),
         timeout=180,
     )  # fmt: skip
-    assert result.returncode not in (0, 130), result.describe()
-    assert "KeyboardInterrupt" in result.stderr and "interrupted at step" not in result.stderr
+    assert result.returncode == 130, result.describe()
+    aborted = "SIGINT again: aborted; nothing was saved since the last checkpoint"
+    assert aborted in result.stderr.splitlines(), result.describe()
+    assert "Traceback" not in result.stderr and "interrupted at step" not in result.stderr
 
 
 @pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
@@ -656,10 +661,49 @@ def test_pixels_mode_trains_on_stacked_frames_and_records_video(run_script):
     )  # fmt: skip
     assert result.returncode == 0, result.describe()
     assert result.values("losses/td_loss") and result.values("eval/episodic_score")
-    assert len(list((result.workdir / "videos").rglob("*.mp4"))) == 1
+    (video,) = (result.workdir / "videos").rglob("*.mp4")
+    frames = np.stack(list(iio.imiter(video)))
+    # The agent's 84x84 grayscale frames, 4x larger (the game's own are 512x288, in colour).
+    assert frames.shape[1:] == (336, 336, 3), frames.shape
+    assert np.abs(frames.astype(int) - frames[..., :1]).max() <= 8  # grey, up to the codec
     (checkpoint,) = result.checkpoints()
     weights = torch.load(checkpoint, weights_only=True)["model"]
     assert weights["network.0.weight"].shape == (32, 4, 8, 8)  # the Nature CNN on 4 stacked frames
+
+    # experiments/flappy_gif.py draws the game beside the network's frames, 3x larger.
+    spec = importlib.util.spec_from_file_location("flappy_gif", ROOT / "experiments/flappy_gif.py")
+    flappy_gif = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(flappy_gif)
+    gif = result.workdir / "agent.gif"
+    assert flappy_gif.main([str(checkpoint), "--out", str(gif), "--seconds", "1"]) == 0
+    frames = np.stack(list(iio.imiter(gif)))
+    assert frames.shape[1:3] == (256, 144 + flappy_gif.GAP + 3 * dqn_flappy.FRAME_SIZE)
+    assert len(frames) <= 15 and gif.stat().st_size < 1_000_000
+    seen = frames[0, : 3 * dqn_flappy.FRAME_SIZE, -3 * dqn_flappy.FRAME_SIZE :, 0].astype(int)
+    assert np.abs(seen - np.repeat(np.repeat(seen[::3, ::3], 3, 0), 3, 1)).max() <= 2  # upscaled
+
+
+def test_pixels_are_the_screen_shrunk_to_the_network_size_without_render():
+    """The fast path (the game's own surface, shrunk in pygame) gives the frame that render(),
+    a crop, grayscale and cv2's area resize give, within a few grey levels of rounding."""
+    args = dqn_flappy.Args(obs_type="pixels")
+    fast = dqn_flappy.make_env(args)
+    slow = gym.make("FlappyBird-v0", render_mode="rgb_array", **dqn_flappy.env_kwargs(args))
+    fast_obs, _ = fast.reset(seed=5)
+    slow.reset(seed=5)
+    rng = np.random.default_rng(0)
+    for step in range(60):
+        frame = slow.render()[: int(512 * 0.79)]
+        gray = cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY)
+        expected = cv2.resize(gray, (84, 84), interpolation=cv2.INTER_AREA).astype(int)
+        difference = np.abs(fast_obs[-1].astype(int) - expected)
+        assert difference.max() <= 8 and difference.mean() < 3, (step, difference.max())
+        action = int(rng.random() < 0.1)
+        fast_obs, _, terminated, _, _ = fast.step(action)
+        slow.step(action)
+        if terminated:
+            break
+    assert step > 10
 
 
 def test_lidar_mode_and_other_discrete_envs_work(run_script):
@@ -704,6 +748,58 @@ def test_bad_input_exits_2_with_one_line(in_tmp, capsys, args, message):
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
     assert not (in_tmp / "runs").exists()
+
+
+class NoFrames(gym.Env):
+    """A Discrete-action env that draws nothing: it has no rgb_array render mode."""
+
+    metadata = {"render_modes": ["ansi"]}
+    observation_space = gym.spaces.Box(-1.0, 1.0, (2,), np.float32)
+    action_space = gym.spaces.Discrete(2)
+
+
+def test_pixels_on_an_env_that_cannot_render_frames_exits_2_with_one_line(in_tmp, capsys):
+    gym.register("NoFrames-v0", entry_point=NoFrames)
+    try:
+        assert run_main("--env-id", "NoFrames-v0", "--obs-type", "pixels") == 2
+    finally:
+        del gym.registry["NoFrames-v0"]
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == ["error: NoFrames-v0 cannot render rgb_array frames, which --obs-type pixels "
+                     "needs"]  # fmt: skip
+    assert not (in_tmp / "runs").exists()
+
+
+def test_each_observation_type_has_its_defaults_and_help_says_which():
+    for obs_type, mode in (("features", "vectors"), ("lidar", "vectors"), ("pixels", "pixels")):
+        args = dqn_flappy.Args(obs_type=obs_type)
+        assert {name: getattr(args, name) for name in dqn_flappy.MODE_DEFAULTS[mode]} == (
+            dqn_flappy.MODE_DEFAULTS[mode]
+        )
+    assert dqn_flappy.MODE_DEFAULTS["pixels"] != dqn_flappy.MODE_DEFAULTS["vectors"]
+    given = dqn_flappy.parse_args(["--obs-type", "pixels", "--batch-size", "64"])
+    assert (
+        given.batch_size == 64
+        and given.learning_rate == dqn_flappy.MODE_DEFAULTS["pixels"]["learning_rate"]
+    )
+    source = (ROOT / SCRIPT).read_text()
+    for name in dqn_flappy.MODE_DEFAULTS["pixels"]:
+        docstring = re.search(rf"\n    {name}: .*\n    \"\"\"(.*)\"\"\"", source).group(1)
+        assert "default" in docstring and "pixels" in docstring, (name, docstring)
+
+
+def test_the_bf16_cnn_gives_the_q_values_of_the_fp32_one():
+    torch.manual_seed(0)
+    fp32 = dqn_flappy.QNetwork((4, 84, 84), 2)
+    bf16 = dqn_flappy.QNetwork((4, 84, 84), 2, bf16=True)
+    bf16.load_state_dict(fp32.state_dict())
+    frames = torch.randint(0, 256, (64, 4, 84, 84), dtype=torch.uint8)
+    with torch.no_grad():
+        expected, got = fp32(frames), bf16(frames)
+    assert got.dtype == torch.float32  # the Q head runs in fp32
+    assert not torch.equal(got, expected)  # the trunk did run in bf16
+    scale = expected.abs().max()
+    assert (got - expected).abs().max() < 0.02 * scale, ((got - expected).abs().max(), scale)
 
 
 def test_bad_checkpoints_exit_2_with_one_line(in_tmp, capsys):
@@ -869,3 +965,58 @@ def test_training_resume_and_evaluation_copy_device_tensors_to_the_host(
         dqn_flappy.parse_args(["--resume", str(checkpoint), "--total-timesteps", "1600"])
     )
     dqn_flappy.main(dqn_flappy.parse_args(["--eval-checkpoint", str(checkpoint)]))
+
+
+def one_action_network(like: dict, action: int) -> dict:
+    """The weights of a network (shaped like `like`) that always picks `action`: a zero output
+    layer with a bias on that action."""
+    weights = {name: tensor.clone() for name, tensor in like.items()}
+    (last,) = {name.rsplit(".", 1)[0] for name in weights if name.startswith("network.4.")}
+    weights[f"{last}.weight"].zero_()
+    weights[f"{last}.bias"].zero_()
+    weights[f"{last}.bias"][action] = 1.0
+    return weights
+
+
+def test_eval_checkpoint_plays_the_delivered_network_and_the_folder_each_ones_own(
+    in_tmp, capsys, monkeypatch
+):
+    """A checkpoint whose best network (always flap) differs from its last one (never flap): the
+    file evaluates the best, as the run delivers it; the folder's curve plays each checkpoint's own
+    network and marks the delivered one."""
+    assert run_main(*TINY, "--checkpoint-freq", "1200") == 0
+    (path,) = in_tmp.glob("runs/*/checkpoints/*.pt")
+    checkpoint = torch.load(path, weights_only=True)
+    checkpoint["model"] = one_action_network(checkpoint["model"], 0)
+    checkpoint["best"].update(model=one_action_network(checkpoint["model"], 1), step=800)
+    torch.save(checkpoint, path)
+
+    args, cpu = dqn_flappy.parse_args(["--eval-checkpoint", str(path)]), torch.device("cpu")
+    seed = args.seed + dqn_flappy.EVAL_SEED_OFFSET
+    figures = {}
+    for name in ("model", "best"):
+        q_network = dqn_flappy.build_q_network(args, cpu)
+        q_network.load_state_dict(
+            checkpoint[name] if name == "model" else checkpoint[name]["model"]
+        )
+        figures[name] = dqn_flappy.evaluate(q_network, args, args.eval_episodes, seed, cpu)
+    assert figures["model"][0].mean() != figures["best"][0].mean()  # the test can tell them apart
+
+    capsys.readouterr()
+    assert run_main("--eval-checkpoint", path) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith("best network (step 800): ")
+    assert final_eval(line) == dqn_flappy.describe_eval(*figures["best"])
+
+    from matplotlib.axes import Axes
+
+    marks, axvline = [], Axes.axvline
+    monkeypatch.setattr(Axes, "axvline", lambda self, x, **kw: marks.append((x, kw.get("label")))
+                        or axvline(self, x, **kw))  # fmt: skip
+    assert run_main("--eval-checkpoint", path.parent) == 0
+    out = capsys.readouterr().out
+    rows = [line.split(",") for line in (path.parent / "eval_curve.csv").read_text().splitlines()]
+    assert [row[0] for row in rows[1:]] == ["-1", "1200"]
+    assert float(rows[2][1]) == pytest.approx(figures["model"][0].mean())  # its own network
+    assert (path.parent / "eval_curve.png").stat().st_size > 0 and "eval_curve.png" in out
+    assert (800, "delivered: best network (step 800)") in marks

@@ -16,7 +16,7 @@ BANNER = "# Plumbing:"
 ABOVE_BANNER = {
     "ppo_cartpole.py": 410,
     "actor_critic.py": 360,
-    "dqn_flappy.py": 460,
+    "dqn_flappy.py": 510,
     "qlearning_cartpole.py": 280,
     "ppo_atari.py": 520,
     "ppo_drone.py": 520,
