@@ -11,7 +11,8 @@ Run:
     python dqn_flappy.py --eval-checkpoint runs/<run>/checkpoints      # the evaluation curve
     python dqn_flappy.py --obs-type pixels                           # learn from the screen
 
-Expect (defaults): 10+ pipes per greedy episode after 250k steps, 1-2 min on a CPU; see README.md.
+Expect (defaults): 10+ pipes per greedy episode after 250k steps, 1-2 min on a CPU; from pixels,
+10+ after ~420k steps, about an hour on a 2-core CPU (seed 1). See README.md.
 """
 
 from __future__ import annotations
@@ -86,7 +87,7 @@ class Args:
     obs_type: Literal["features", "lidar", "pixels"] = "features"
     """what the agent sees: the game's state vector, its lidar scan, or stacked 84x84 frames"""
     total_timesteps: int | None = None
-    """environment steps to train for, summed over the envs (default 250k; pixels 360k)"""
+    """environment steps to train for, summed over the envs (default 250k; pixels 500k)"""
     max_episode_steps: int = 10_000
     """time limit of an episode (a truncation: the target still bootstraps); ~270 pipes"""
     num_envs: int = 8
@@ -145,7 +146,7 @@ MODE_DEFAULTS = {
         batch_size=256, background="day", torch_threads=1,
     ),
     "pixels": dict(
-        total_timesteps=360_000, learning_rate=1e-4, target_network_frequency=1000,
+        total_timesteps=500_000, learning_rate=1e-4, target_network_frequency=1000,
         batch_size=32, background="plain", torch_threads=2,
     ),
 }  # fmt: skip
