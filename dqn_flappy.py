@@ -426,7 +426,7 @@ def main(args: Args) -> None:
     run = Run(args, total_steps=num_iterations * args.num_envs)
     global_step = run.start_step
     # A resumed run reseeds with an offset so it does not replay the random stream of its start.
-    seed = args.seed + global_step // args.num_envs
+    seed = training_seed(args.seed, global_step // args.num_envs, args.num_envs)
     seed_everything(seed, args.torch_deterministic)
     device = pick_device(args.cuda, args.torch_threads)
 
@@ -540,6 +540,14 @@ EVAL_SEED_OFFSET = 10_000  # evaluation envs get seed + this: episodes that trai
 PERIODIC_EVAL_SEED_OFFSET = 20_000
 
 
+# Copied from ppo_cartpole.py: training_seed
+def training_seed(seed: int, resume_offset: int, num_envs: int) -> int:
+    """The training envs' seed (env i gets it + i). A resumed run starts its stream at an offset so
+    as not to replay its start's, taken modulo so that every training env's seed stays below
+    seed + EVAL_SEED_OFFSET whatever the budget: training never plays an evaluation's episodes."""
+    return seed + resume_offset % (EVAL_SEED_OFFSET - num_envs + 1)
+
+
 # Copied from ppo_cartpole.py: crossed
 def crossed(every: int, step: int, previous_step: int) -> bool:
     """True when a multiple of `every` lies in (previous_step, step]: periodic work (logging,
@@ -575,6 +583,15 @@ def check_fraction(args: Args, *names: str) -> None:
             fail(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}")
 
 
+# Copied from ppo_cartpole.py: check_seed_room
+def check_seed_room(args: Args, *names: str) -> None:
+    """Each stream of env seeds (training, evaluation) holds EVAL_SEED_OFFSET of them."""
+    for name in names:
+        if getattr(args, name) > EVAL_SEED_OFFSET:
+            flag, value = f"--{name.replace('_', '-')}", getattr(args, name)
+            fail(f"{flag} must be at most {EVAL_SEED_OFFSET:,} (seeds would overlap), got {value}")
+
+
 def validate(args: Args) -> None:
     """Check every knob before any heavy work, so a typo costs a second, not a run."""
     check_positive(
@@ -583,6 +600,7 @@ def validate(args: Args) -> None:
         "torch_threads", "learning_rate", "max_grad_norm", "hidden_size",
     )  # fmt: skip
     check_non_negative(args, "checkpoint_freq", "learning_starts", "log_interval", "eval_freq")
+    check_seed_room(args, "num_envs", "eval_episodes")
     check_fraction(args, "gamma", "start_epsilon", "end_epsilon")
     for name in ("tau", "exploration_fraction"):
         if not 0.0 < getattr(args, name) <= 1.0:

@@ -285,7 +285,7 @@ def main(args: Args) -> None:
     run = Run(args, total_steps=args.num_iterations * args.batch_size)
     global_step, start_iteration = run.start_step, run.start_step // args.batch_size + 1
     # A resumed run reseeds with an offset so it does not replay the random stream of its start.
-    seed = args.seed + (start_iteration - 1)
+    seed = training_seed(args.seed, start_iteration - 1, args.num_envs)
     seed_everything(seed, args.torch_deterministic)
     device = pick_device(args.cuda, args.torch_threads)
 
@@ -423,6 +423,13 @@ EVAL_SEED_OFFSET = 10_000  # evaluation envs get seed + this: episodes that trai
 SOLVED_CHECK_SEED_OFFSET = 20_000
 
 
+def training_seed(seed: int, resume_offset: int, num_envs: int) -> int:
+    """The training envs' seed (env i gets it + i). A resumed run starts its stream at an offset so
+    as not to replay its start's, taken modulo so that every training env's seed stays below
+    seed + EVAL_SEED_OFFSET whatever the budget: training never plays an evaluation's episodes."""
+    return seed + resume_offset % (EVAL_SEED_OFFSET - num_envs + 1)
+
+
 def explained_variance(predictions: torch.Tensor, targets: torch.Tensor) -> float:
     """1 - Var(targets - predictions) / Var(targets): 1 is perfect, 0 is no better than a mean."""
     if len(targets) < 2 or targets.var() == 0:  # no variance to explain
@@ -461,6 +468,14 @@ def check_fraction(args: Args, *names: str) -> None:
             fail(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}")
 
 
+def check_seed_room(args: Args, *names: str) -> None:
+    """Each stream of env seeds (training, evaluation) holds EVAL_SEED_OFFSET of them."""
+    for name in names:
+        if getattr(args, name) > EVAL_SEED_OFFSET:
+            flag, value = f"--{name.replace('_', '-')}", getattr(args, name)
+            fail(f"{flag} must be at most {EVAL_SEED_OFFSET:,} (seeds would overlap), got {value}")
+
+
 def validate(args: Args) -> None:
     """Check every knob before any heavy work, so a typo costs a second, not a run."""
     check_positive(
@@ -469,6 +484,7 @@ def validate(args: Args) -> None:
         "max_grad_norm", "hidden_size",
     )  # fmt: skip
     check_non_negative(args, "checkpoint_freq", "log_interval")
+    check_seed_room(args, "num_envs", "eval_episodes")
     check_fraction(args, "gamma", "gae_lambda")
     if args.batch_size % args.num_minibatches:
         fail(

@@ -195,7 +195,7 @@ def main(args: Args) -> None:
     run = Run(args, total_steps=args.num_iterations * args.num_envs)
     global_step = run.start_step
     # A resumed run reseeds with an offset so it does not replay the random stream of its start.
-    seed = args.seed + global_step // args.num_envs
+    seed = training_seed(args.seed, global_step // args.num_envs, args.num_envs)
     rng = seed_everything(seed)
     envs = make_envs(args.env_id, args.num_envs)
     low, high, bins = np.array(args.obs_low), np.array(args.obs_high), np.array(args.bins)
@@ -287,6 +287,14 @@ CHECKPOINT_SUFFIX = ".npz"
 EVAL_SEED_OFFSET = 10_000  # evaluation envs get seed + this: episodes that training never saw
 
 
+# Copied from ppo_cartpole.py: training_seed
+def training_seed(seed: int, resume_offset: int, num_envs: int) -> int:
+    """The training envs' seed (env i gets it + i). A resumed run starts its stream at an offset so
+    as not to replay its start's, taken modulo so that every training env's seed stays below
+    seed + EVAL_SEED_OFFSET whatever the budget: training never plays an evaluation's episodes."""
+    return seed + resume_offset % (EVAL_SEED_OFFSET - num_envs + 1)
+
+
 # Copied from ppo_cartpole.py: crossed
 def crossed(every: int, step: int, previous_step: int) -> bool:
     """True when a multiple of `every` lies in (previous_step, step]: periodic work (logging,
@@ -322,6 +330,15 @@ def check_fraction(args: Args, *names: str) -> None:
             fail(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}")
 
 
+# Copied from ppo_cartpole.py: check_seed_room
+def check_seed_room(args: Args, *names: str) -> None:
+    """Each stream of env seeds (training, evaluation) holds EVAL_SEED_OFFSET of them."""
+    for name in names:
+        if getattr(args, name) > EVAL_SEED_OFFSET:
+            flag, value = f"--{name.replace('_', '-')}", getattr(args, name)
+            fail(f"{flag} must be at most {EVAL_SEED_OFFSET:,} (seeds would overlap), got {value}")
+
+
 # A bigger table would not fit in memory, and could never be filled with experience anyway.
 MAX_TABLE_CELLS = 50_000_000
 
@@ -333,6 +350,7 @@ def validate(args: Args) -> None:
         "learning_rate", "end_learning_rate",
     )  # fmt: skip
     check_non_negative(args, "checkpoint_freq", "replay_size")
+    check_seed_room(args, "num_envs", "eval_episodes")
     check_fraction(
         args, "learning_rate", "end_learning_rate", "gamma", "start_epsilon", "end_epsilon",
         "exploration_fraction",

@@ -31,7 +31,10 @@ Killed workers lose nothing:
 - a worker stopped with Ctrl-C or SIGTERM marks its trial FAIL and queues the retry itself
   (exit 130 / 143); the next worker, or the same command started again, runs it. These retries
   are the user's choice, not the point's fault: they do not count against `--max-retries`;
-- the script dies with its worker (parent-death signal on Linux), so no orphan trains on.
+- the script dies with its worker (parent-death signal on Linux), so no orphan trains on; on
+  macOS and Windows a worker killed outright leaves its script to finish alone;
+- a failed trial owed a retry counts as waiting until the retry is queued, and any worker queues
+  it: a worker that fails a trial and dies before queueing its retry loses nothing either.
 A point whose script fails on its own (a crash, NaN loss) is recorded FAIL with the error and not
 retried: running it again would fail again.
 
@@ -87,6 +90,8 @@ SCORE_TAG = "charts/episodic_return"
 GRID_ID = "grid_id"
 # Our system attribute: how many times a point's worker died under it (the retries it has used).
 WORKER_DEATHS = "worker_deaths"
+# Our system attribute: the trial was failed because its worker was stopped (Ctrl-C, SIGTERM).
+INTERRUPTED = "interrupted"
 # How long a trial waits for an older one still inside `ask()` to be given its grid point.
 GRID_ID_WAIT_S = 5.0
 
@@ -285,7 +290,7 @@ def queue_retry(study: optuna.Study, trial: optuna.trial.FrozenTrial, worker_dea
     `failed_trial` and `retry_history`, and the count of worker deaths on the point so far."""
     marked = copy.copy(trial)
     marked.system_attrs = {
-        **trial.system_attrs,
+        **{key: value for key, value in trial.system_attrs.items() if key != INTERRUPTED},
         "retry_history": list(trial.system_attrs.get("retry_history", [])),  # Optuna appends to it
         WORKER_DEATHS: worker_deaths,
     }
@@ -379,14 +384,16 @@ def script_command(
     ]
 
 
-# The script runs through this stub so that it gets SIGKILL when its worker dies (Linux
-# PR_SET_PDEATHSIG survives exec), even when the worker is SIGKILLed and can clean nothing up.
+# On Linux the script runs through this stub so that it gets SIGKILL when its worker dies
+# (PR_SET_PDEATHSIG survives exec), even when the worker is SIGKILLed and can clean nothing up.
+# Elsewhere there is no such signal, and os.execv on Windows starts a new process and ends the
+# stub, which would look like the script's own exit: there the script is started directly, and a
+# worker killed outright (not stopped with Ctrl-C) leaves it to finish its run on its own.
 DIE_WITH_PARENT = (
     "import ctypes, os, signal, sys\n"
-    "if sys.platform.startswith('linux'):\n"
-    "    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)\n"
-    "    if os.getppid() != int(sys.argv[1]):\n"
-    "        sys.exit(137)\n"
+    "ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)\n"
+    "if os.getppid() != int(sys.argv[1]):\n"
+    "    sys.exit(137)\n"
     "os.execv(sys.executable, [sys.executable, *sys.argv[2:]])\n"
 )
 
@@ -394,8 +401,9 @@ DIE_WITH_PARENT = (
 def start_script(command: list[str], cwd: Path, stdout, stderr) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.setdefault("TQDM_MININTERVAL", "10")  # the script's progress bar goes to a log file
+    stub = ["-c", DIE_WITH_PARENT, str(os.getpid())] if sys.platform.startswith("linux") else []
     return subprocess.Popen(
-        [sys.executable, "-c", DIE_WITH_PARENT, str(os.getpid()), *command],
+        [sys.executable, *stub, *command],
         cwd=cwd,
         env=env,
         stdout=stdout,
@@ -547,13 +555,15 @@ class Worker:
     def status(self) -> dict[tuple, str]:
         """Each point's state across all workers: complete, failed, waiting, running or open."""
         states: dict[tuple, set] = {key_of(point): set() for point in self.points}
-        for trial in self.study.get_trials(deepcopy=False):
+        trials = self.study.get_trials(deepcopy=False)
+        owed = {trial.number for trial in self.owed_retries(trials)}
+        for trial in trials:
             if trial.state == TrialState.PRUNED:  # a duplicate that stepped aside
                 continue
             sampled = len(trial.params) == len(KNOBS)  # not yet, or it died before suggesting
             key = key_of(trial.params) if sampled else grid_key(self.points, trial)
             if key in states:
-                states[key].add(trial.state)
+                states[key].add(TrialState.WAITING if trial.number in owed else trial.state)
         out = {}
         for key, seen in states.items():
             if TrialState.COMPLETE in seen:
@@ -599,14 +609,10 @@ class Worker:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                     fail_stale_trials(self.study)
+                self.queue_owed_retries()
                 status = self.refresh(force=True)
                 if all(state in ("complete", "failed") for state in status.values()):
-                    # A dead worker's trial is failed a moment before its retry is queued, by
-                    # whichever worker noticed it: only a final state that holds is final.
-                    time.sleep(1)
-                    if self.refresh(force=True) == status:
-                        break
-                    continue
+                    break  # final: a failed point owed a retry counts as waiting (owed_retries)
                 if not any(state in ("open", "waiting") for state in status.values()):
                     # The rest run elsewhere; wait, in case they die.
                     time.sleep(min(5, self.args.heartbeat))
@@ -696,6 +702,36 @@ class Worker:
                 return trials
             time.sleep(0.05)
 
+    def owed_retries(
+        self, trials: list[optuna.trial.FrozenTrial]
+    ) -> list[optuna.trial.FrozenTrial]:
+        """The failed trials whose retry is due but not queued. A dead worker's trial is failed a
+        moment before its retry is queued, by whichever worker noticed it (that moment may last
+        as long as SQLite's 60 s wait for a write), and a stopped worker fails its own trial
+        before queueing its retry: a worker that dies in between queues nothing. So a failure
+        with no error of the script's own is final only once its retry exists or none is due
+        (`--max-retries` worker deaths on the point); until then the point counts as waiting,
+        and any worker queues the retry (a second copy, queued at the same moment by the worker
+        that noticed, steps aside in `skip_if_taken`)."""
+        retried = {number for t in trials for number in t.system_attrs.get("retry_history", [])}
+        owed = []
+        for trial in trials:
+            if trial.state != TrialState.FAIL or trial.number in retried:
+                continue
+            if "error" in trial.user_attrs:  # the script failed on its own: it would again
+                continue
+            deaths = trial.system_attrs.get(WORKER_DEATHS, 0)
+            if trial.system_attrs.get(INTERRUPTED) or deaths + 1 <= self.args.max_retries:
+                owed.append(trial)
+        return owed
+
+    def queue_owed_retries(self) -> None:
+        for trial in self.owed_retries(self.study.get_trials(deepcopy=False)):
+            deaths = trial.system_attrs.get(WORKER_DEATHS, 0)
+            queue_retry(
+                self.study, trial, deaths if trial.system_attrs.get(INTERRUPTED) else deaths + 1
+            )
+
     def say_failed(self, trial: optuna.Trial, error: str) -> None:
         trial.set_user_attr("error", error)
         self.bar.write(f"trial {trial.number} failed: {error}", file=sys.stderr)
@@ -707,6 +743,8 @@ class Worker:
             return None
         trial = self.study._storage.get_trial(self.trial_id)
         if trial.state == TrialState.RUNNING:
+            # Marked first: should this worker die before its retry is queued, another queues it.
+            self.study._storage.set_trial_system_attr(self.trial_id, INTERRUPTED, True)
             self.study._storage.set_trial_state_values(self.trial_id, state=TrialState.FAIL)
             trial = self.study._storage.get_trial(self.trial_id)
         if trial.state != TrialState.FAIL:

@@ -503,3 +503,88 @@ def test_an_older_claim_still_inside_ask_is_waited_for(tmp_path, monkeypatch):
             module.Worker(args, study).objective(younger)
     finally:
         other_worker.join()
+
+
+def complete_at_once(module):
+    """A Worker.objective that claims its point as the real one does, and scores it at once."""
+
+    def objective(self, trial: optuna.Trial) -> float:
+        for knob, values in module.grid_of(self.args).items():
+            trial.suggest_categorical(knob, values)
+        self.skip_if_taken(trial)
+        return 1.0
+
+    return objective
+
+
+@quiet_optuna
+@pytest.mark.parametrize("failed_by", ["a dead worker's heartbeats", "its own worker's Ctrl-C"])
+def test_a_failure_whose_retry_was_never_queued_is_retried(tmp_path, monkeypatch, failed_by):
+    """The worker that failed the trial died before it queued the retry (or is still waiting to
+    write it): the point is not final, and the next worker to look queues the retry and runs it,
+    however long after the failure it looks."""
+    module = load_sweep_module()
+    args = module.parse_args(
+        [*ONE_POINT, "--out", str(tmp_path / "out"), "--heartbeat", "1", "--max-retries", "1"]
+    )
+    study = module.create_study(args)
+    trial = study.ask()
+    if failed_by == "its own worker's Ctrl-C":  # requeue_interrupted, cut short after the fail
+        study._storage.set_trial_system_attr(trial._trial_id, module.INTERRUPTED, True)
+    study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
+    time.sleep(1.5)  # longer than any fixed wait for the retry to appear
+
+    monkeypatch.setattr(module.Worker, "objective", complete_at_once(module))
+    module.Worker(args, study).run()
+    states = [t.state for t in study.get_trials()]
+    assert TrialState.COMPLETE in states, states
+    retry = next(t for t in study.get_trials() if t.state == TrialState.COMPLETE)
+    assert retry.system_attrs["retry_history"] == [trial.number]
+    deaths = 0 if failed_by == "its own worker's Ctrl-C" else 1
+    assert retry.system_attrs.get(module.WORKER_DEATHS, 0) == deaths
+    assert module.INTERRUPTED not in retry.system_attrs
+
+
+@quiet_optuna
+@pytest.mark.parametrize("failure", ["a death past --max-retries", "the script's own error"])
+def test_a_point_past_its_retries_or_failed_by_the_script_is_final(tmp_path, monkeypatch, failure):
+    module = load_sweep_module()
+    retries = "0" if failure == "a death past --max-retries" else "5"
+    args = module.parse_args(
+        [*ONE_POINT, "--out", str(tmp_path / "out"), "--heartbeat", "1", "--max-retries", retries]
+    )
+    study = module.create_study(args)
+    trial = study.ask()
+    if failure == "the script's own error":  # as say_failed records it
+        trial.set_user_attr("error", "ppo_cartpole.py exited 1: ValueError")
+    study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
+    monkeypatch.setattr(module.Worker, "objective", complete_at_once(module))
+    started = time.monotonic()
+    module.Worker(args, study).run()
+    assert [t.state for t in study.get_trials()] == [TrialState.FAIL]
+    assert time.monotonic() - started < 5  # no wait on a state that is final
+
+
+@pytest.mark.parametrize("platform", ["linux", "win32", "darwin"])
+def test_the_script_runs_and_reports_its_own_exit_on_every_platform(
+    tmp_path, monkeypatch, platform
+):
+    """Linux runs the script through the parent-death stub; elsewhere (no prctl, and an os.execv
+    that would end the stub at once on Windows) the script is started directly."""
+    module = load_sweep_module()
+    monkeypatch.setattr(module.sys, "platform", platform)
+    started = []
+    real_popen = subprocess.Popen
+    monkeypatch.setattr(
+        module.subprocess,
+        "Popen",
+        lambda argv, **kw: started.append(argv) or real_popen(argv, **kw),
+    )
+    script = tmp_path / "script.py"
+    script.write_text("import sys\nprint('ran', sys.argv[1:])\nsys.exit(3)\n")
+    with open(tmp_path / "out.log", "w") as stdout, open(tmp_path / "err.log", "w") as stderr:
+        process = module.start_script([str(script), "--seed", "2"], tmp_path, stdout, stderr)
+        assert process.wait(timeout=60) == 3
+    assert (tmp_path / "out.log").read_text() == "ran ['--seed', '2']\n"
+    (argv,) = started
+    assert ("-c" in argv[:2]) == (platform == "linux"), argv
