@@ -391,8 +391,7 @@ def main(args: Args) -> None:
     run = run_of_this_rank(args, num_iterations * steps_per_iteration, ranks)
     # Counted in steps, so that a run saved by N ranks resumes in any number of them.
     global_step, start_iteration = run.start_step, run.start_step // steps_per_iteration + 1
-    # A resumed run reseeds with an offset so it does not replay the random stream of its start;
-    # each rank plays its own games with its own random numbers.
+    # A resumed run reseeds at an offset, not to replay its start; each rank has its own games.
     seed = training_seed(args.seed, start_iteration - 1, args.num_envs)
     seed += ranks.rank * RANK_SEED_OFFSET
     seed_everything(seed, args.torch_deterministic)
