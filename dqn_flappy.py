@@ -256,6 +256,22 @@ class QNetwork(nn.Module):
         return self.network[-1](hidden.float())
 
 
+def build_q_network(args: Args, device: torch.device) -> QNetwork:
+    """The network for this env and observation type (shapes read from a throwaway env)."""
+    env = gym.make(args.env_id, **env_kwargs(args))
+    num_actions = int(env.action_space.n)
+    pixels = args.obs_type == "pixels"
+    frames = (args.frame_stack, FRAME_SIZE, FRAME_SIZE)
+    obs_shape = frames if pixels else env.observation_space.shape
+    env.close()
+    # native_bf16 (below the banner) decides the CNN's dtype: bf16 only where the CPU has it.
+    q_network = QNetwork(tuple(obs_shape), num_actions, args.hidden_size,
+                         bf16=pixels and args.bf16 and native_bf16(device))  # fmt: skip
+    return q_network.to(
+        device, memory_format=torch.channels_last if pixels else torch.preserve_format
+    )
+
+
 def linear_schedule(start: float, end: float, duration: int, step: int) -> float:
     """Linear from `start` at step 0 to `end` at step `duration`, then constant."""
     return start + (end - start) * min(1.0, step / duration)
@@ -375,6 +391,121 @@ def update_target(target_network: nn.Module, q_network: nn.Module, tau: float) -
     """target <- tau * online + (1 - tau) * target (tau = 1: a hard copy)."""
     for target, online in zip(target_network.parameters(), q_network.parameters(), strict=True):
         target.lerp_(online, tau)
+
+
+# Copied from ppo_cartpole.py: crossed
+def crossed(every: int, step: int, previous_step: int) -> bool:
+    """True when a multiple of `every` lies in (previous_step, step]: periodic work (logging,
+    checkpoints) is counted in environment steps, whatever the steps per iteration."""
+    return every > 0 and step // every != previous_step // every
+
+
+@torch.inference_mode()
+def evaluate(
+    q_network: QNetwork | None,
+    args: Args,
+    episodes: int,
+    seed: int,
+    device: torch.device,
+    video_folder: str | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Play one greedy episode in each of `episodes` envs at once (env i seeded seed + i); return
+    their returns and scores. One batched forward pass per step keeps the periodic evaluations
+    cheap. The score is the game's own count of pipes passed (`info["score"]`), NaN without one.
+    `q_network=None` plays uniformly random actions (seeded by `seed`).
+    """
+
+    def make_evaluation_env(index: int) -> Callable[[], gym.Env]:
+        def thunk() -> gym.Env:
+            env = make_env(args, render=video_folder is not None)
+            if video_folder is None:
+                return env
+            import warnings
+
+            # Each env records its first episode (env-<i>-episode-0.mp4): one video per evaluation
+            # episode, of the game's own frames, or for pixels of the frames the agent sees. The
+            # recorders after the first find the folder the first one made; the warning about
+            # overwriting it would be about their siblings, so it is theirs to skip.
+            if args.obs_type == "pixels":
+                env = AgentView(env)
+            with warnings.catch_warnings():
+                if index > 0:
+                    warnings.filterwarnings("ignore", message=".*Overwriting existing videos")
+                return gym.wrappers.RecordVideo(
+                    env, video_folder, name_prefix=f"env-{index}", disable_logger=True,
+                    episode_trigger=lambda episode: episode == 0,
+                )  # fmt: skip
+
+        return thunk
+
+    envs = gym.vector.SyncVectorEnv([make_evaluation_env(index) for index in range(episodes)])
+    obs, _ = envs.reset(seed=seed)
+    returns, scores = np.zeros(episodes), np.full(episodes, np.nan)
+    playing = np.ones(episodes, dtype=bool)
+    random_actions = np.random.default_rng(seed)
+    while playing.any():
+        if q_network is None:
+            actions = random_actions.integers(envs.single_action_space.n, size=episodes)
+        else:
+            actions = q_network(torch.as_tensor(obs, device=device)).argmax(dim=1).cpu().numpy()
+        obs, rewards, terminated, truncated, infos = envs.step(actions)
+        returns += rewards * playing  # an env whose episode has ended plays on, uncounted
+        ended = playing & (terminated | truncated)
+        if "score" in infos:
+            scores[ended] = infos["score"][ended]
+        playing &= ~ended
+    envs.close()
+    return returns, scores
+
+
+def periodic_eval_episodes(args: Args) -> dict:
+    """What the mean return of a periodic evaluation is a mean over: the env and its time limit,
+    the number of episodes and their seeds (episode i of the evaluation at step s is seeded
+    seed_base + s + i). Two means decide which network is better only when all of it is equal."""
+    return {
+        "env_id": args.env_id,
+        "max_episode_steps": args.max_episode_steps,
+        "episodes": args.eval_episodes,
+        "seed_base": args.seed + PERIODIC_EVAL_SEED_OFFSET,
+    }
+
+
+def fresh_best(args: Args) -> dict:
+    """No network kept yet (any evaluation beats it), and the episodes the best will be scored on,
+    so that a resumed run can tell whether its own evaluations compare with it."""
+    return {
+        "mean_return": -np.inf,
+        "step": 0,
+        "model": None,
+        "scored_on": periodic_eval_episodes(args),
+    }
+
+
+def resumed_best(checkpoint: dict, args: Args) -> dict:
+    """The best network a resumed run goes on from: the checkpoint's when this run's periodic
+    evaluations play the episodes it was scored on, else a fresh start, said in a note on stderr.
+    --eval-freq 0 promises the last network, so it drops the saved best too."""
+    best, saved_best = fresh_best(args), checkpoint["best"]
+    if saved_best["model"] is None:
+        return best
+    saved = f"the best network of {args.resume} (step {saved_best['step']})"
+    if args.eval_freq == 0:
+        print(f"note: --eval-freq 0 delivers the last network, not {saved}", file=sys.stderr)
+        return best
+    then, now = saved_best["scored_on"], best["scored_on"]
+    changed = ", ".join(
+        f"{name} {then.get(name)!r} then, {value!r} now"
+        for name, value in now.items()
+        if then.get(name) != value
+    )
+    if changed:
+        print(
+            f"note: {saved} was scored on other evaluation episodes ({changed}); "
+            "this run starts the best afresh",
+            file=sys.stderr,
+        )
+        return best
+    return saved_best
 
 
 def keep_if_best(best: dict, q_network: QNetwork, args: Args, global_step: int, device, writer):
@@ -505,7 +636,7 @@ def main(args: Args) -> None:
 
 # ----------------------------------------------------------------------------------------------
 # Plumbing: validation, evaluation of a checkpoint, checkpoint files, logging and stop signals.
-# A first reading can stop here: nothing below changes what the algorithm computes.
+# A first reading can stop here: nothing below changes what is learned or delivered.
 # ----------------------------------------------------------------------------------------------
 
 
@@ -546,13 +677,6 @@ def training_seed(seed: int, resume_offset: int, num_envs: int) -> int:
     as not to replay its start's, taken modulo so that every training env's seed stays below
     seed + EVAL_SEED_OFFSET whatever the budget: training never plays an evaluation's episodes."""
     return seed + resume_offset % (EVAL_SEED_OFFSET - num_envs + 1)
-
-
-# Copied from ppo_cartpole.py: crossed
-def crossed(every: int, step: int, previous_step: int) -> bool:
-    """True when a multiple of `every` lies in (previous_step, step]: periodic work (logging,
-    checkpoints) is counted in environment steps, whatever the steps per iteration."""
-    return every > 0 and step // every != previous_step // every
 
 
 # Copied from ppo_cartpole.py: fail
@@ -752,79 +876,6 @@ def native_bf16(device: torch.device) -> bool:
     return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", flags))
 
 
-def build_q_network(args: Args, device: torch.device) -> QNetwork:
-    """The network for this env and observation type (shapes read from a throwaway env)."""
-    env = gym.make(args.env_id, **env_kwargs(args))
-    num_actions = int(env.action_space.n)
-    pixels = args.obs_type == "pixels"
-    frames = (args.frame_stack, FRAME_SIZE, FRAME_SIZE)
-    obs_shape = frames if pixels else env.observation_space.shape
-    env.close()
-    q_network = QNetwork(tuple(obs_shape), num_actions, args.hidden_size,
-                         bf16=pixels and args.bf16 and native_bf16(device))  # fmt: skip
-    return q_network.to(
-        device, memory_format=torch.channels_last if pixels else torch.preserve_format
-    )
-
-
-@torch.inference_mode()
-def evaluate(
-    q_network: QNetwork | None,
-    args: Args,
-    episodes: int,
-    seed: int,
-    device: torch.device,
-    video_folder: str | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Play one greedy episode in each of `episodes` envs at once (env i seeded seed + i); return
-    their returns and scores. One batched forward pass per step keeps the periodic evaluations
-    cheap. The score is the game's own count of pipes passed (`info["score"]`), NaN without one.
-    `q_network=None` plays uniformly random actions (seeded by `seed`).
-    """
-
-    def make_evaluation_env(index: int) -> Callable[[], gym.Env]:
-        def thunk() -> gym.Env:
-            env = make_env(args, render=video_folder is not None)
-            if video_folder is None:
-                return env
-            import warnings
-
-            # Each env records its first episode (env-<i>-episode-0.mp4): one video per evaluation
-            # episode, of the game's own frames, or for pixels of the frames the agent sees. The
-            # recorders after the first find the folder the first one made; the warning about
-            # overwriting it would be about their siblings, so it is theirs to skip.
-            if args.obs_type == "pixels":
-                env = AgentView(env)
-            with warnings.catch_warnings():
-                if index > 0:
-                    warnings.filterwarnings("ignore", message=".*Overwriting existing videos")
-                return gym.wrappers.RecordVideo(
-                    env, video_folder, name_prefix=f"env-{index}", disable_logger=True,
-                    episode_trigger=lambda episode: episode == 0,
-                )  # fmt: skip
-
-        return thunk
-
-    envs = gym.vector.SyncVectorEnv([make_evaluation_env(index) for index in range(episodes)])
-    obs, _ = envs.reset(seed=seed)
-    returns, scores = np.zeros(episodes), np.full(episodes, np.nan)
-    playing = np.ones(episodes, dtype=bool)
-    random_actions = np.random.default_rng(seed)
-    while playing.any():
-        if q_network is None:
-            actions = random_actions.integers(envs.single_action_space.n, size=episodes)
-        else:
-            actions = q_network(torch.as_tensor(obs, device=device)).argmax(dim=1).cpu().numpy()
-        obs, rewards, terminated, truncated, infos = envs.step(actions)
-        returns += rewards * playing  # an env whose episode has ended plays on, uncounted
-        ended = playing & (terminated | truncated)
-        if "score" in infos:
-            scores[ended] = infos["score"][ended]
-        playing &= ~ended
-    envs.close()
-    return returns, scores
-
-
 class AgentView(gym.Wrapper):
     """render() returns what the agent saw last: the newest of its stacked 84x84 grayscale frames,
     as RGB and 4x larger (336x336), so that a recorded video shows the input the policy acted on."""
@@ -846,56 +897,6 @@ class AgentView(gym.Wrapper):
     def render(self) -> np.ndarray:
         big = self.frame.repeat(self.scale, axis=0).repeat(self.scale, axis=1)
         return np.stack([big] * 3, axis=-1)
-
-
-def periodic_eval_episodes(args: Args) -> dict:
-    """What the mean return of a periodic evaluation is a mean over: the env and its time limit,
-    the number of episodes and their seeds (episode i of the evaluation at step s is seeded
-    seed_base + s + i). Two means decide which network is better only when all of it is equal."""
-    return {
-        "env_id": args.env_id,
-        "max_episode_steps": args.max_episode_steps,
-        "episodes": args.eval_episodes,
-        "seed_base": args.seed + PERIODIC_EVAL_SEED_OFFSET,
-    }
-
-
-def fresh_best(args: Args) -> dict:
-    """No network kept yet (any evaluation beats it), and the episodes the best will be scored on,
-    so that a resumed run can tell whether its own evaluations compare with it."""
-    return {
-        "mean_return": -np.inf,
-        "step": 0,
-        "model": None,
-        "scored_on": periodic_eval_episodes(args),
-    }
-
-
-def resumed_best(checkpoint: dict, args: Args) -> dict:
-    """The best network a resumed run goes on from: the checkpoint's when this run's periodic
-    evaluations play the episodes it was scored on, else a fresh start, said in a note on stderr.
-    --eval-freq 0 promises the last network, so it drops the saved best too."""
-    best, saved_best = fresh_best(args), checkpoint["best"]
-    if saved_best["model"] is None:
-        return best
-    saved = f"the best network of {args.resume} (step {saved_best['step']})"
-    if args.eval_freq == 0:
-        print(f"note: --eval-freq 0 delivers the last network, not {saved}", file=sys.stderr)
-        return best
-    then, now = saved_best["scored_on"], best["scored_on"]
-    changed = ", ".join(
-        f"{name} {then.get(name)!r} then, {value!r} now"
-        for name, value in now.items()
-        if then.get(name) != value
-    )
-    if changed:
-        print(
-            f"note: {saved} was scored on other evaluation episodes ({changed}); "
-            "this run starts the best afresh",
-            file=sys.stderr,
-        )
-        return best
-    return saved_best
 
 
 def delivered_network(best: dict) -> str:

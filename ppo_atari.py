@@ -141,6 +141,31 @@ class Args:
         return self.num_envs * self.num_steps
 
 
+# The two id styles this script accepts: the ALE v5 ids (sticky actions on) and the classic
+# NoFrameskip-v4 ids of the DQN/PPO papers (sticky actions off).
+ATARI_ID = re.compile(r"^(ALE/(?P<v5>[A-Za-z]+)-v5|(?P<v4>[A-Za-z]+)NoFrameskip-v4)$")
+
+
+def atari_game(env_id: str) -> tuple[str, float]:
+    """The ROM name and the default sticky-action probability of an Atari id; fail otherwise."""
+    match = ATARI_ID.match(env_id)
+    if match and env_id in gym.registry:
+        spec = gym.spec(env_id)
+        return spec.kwargs["game"], float(spec.kwargs.get("repeat_action_probability", 0.0))
+    accepted = [name for name in gym.registry if ATARI_ID.match(name)]
+    if env_id in gym.registry and gym.spec(env_id).kwargs.get("game"):
+        game = "".join(part.capitalize() for part in gym.spec(env_id).kwargs["game"].split("_"))
+        fail(f"{env_id} is not a supported id style; use ALE/{game}-v5 or {game}NoFrameskip-v4")
+    if env_id in gym.registry:
+        fail(
+            f"{env_id} is not an Atari game; this script trains on ale-py games, "
+            "ALE/<Game>-v5 or <Game>NoFrameskip-v4 (e.g. ALE/Pong-v5)"
+        )
+    close = difflib.get_close_matches(env_id, accepted, n=3, cutoff=0.5)
+    hint = f"; did you mean {', '.join(close)}?" if close else " (ids look like ALE/Pong-v5)"
+    fail(f"unknown environment id {env_id!r}{hint}")
+
+
 def make_envs(
     env_id: str,
     num_envs: int,
@@ -179,6 +204,36 @@ def make_envs(
             [lambda: make_gymnasium_env(env_id, sticky, noop_max) for _ in range(num_envs)]
         )
     return gym.wrappers.vector.RecordEpisodeStatistics(envs)
+
+
+class FireOnReset(gym.Wrapper):
+    """Press FIRE after every reset: games like Breakout wait for it (the native env does this)."""
+
+    def reset(self, **kwargs):
+        obs, info = self.env.reset(**kwargs)
+        meanings = self.env.unwrapped.get_action_meanings()
+        if "FIRE" in meanings:
+            obs, _, terminated, truncated, info = self.env.step(meanings.index("FIRE"))
+            if terminated or truncated:
+                obs, info = self.env.reset()
+        return obs, info
+
+
+def make_gymnasium_env(env_id: str, sticky: float, noop_max: int) -> gym.Env:
+    """One game through gymnasium's wrappers, preprocessed as the native vector env does it: the
+    same frames, up to the no-op starts (their random counts come from another generator)."""
+    env = gym.make(
+        env_id,
+        frameskip=1,
+        repeat_action_probability=sticky,
+        full_action_space=False,
+        max_num_frames_per_episode=MAX_EPISODE_FRAMES,
+    )
+    env = gym.wrappers.AtariPreprocessing(env, noop_max=noop_max, frame_skip=4, screen_size=84)
+    env = FireOnReset(env)
+    # The native env starts an episode's stack with three black frames, not with copies of the
+    # first: the network must see the same thing from either backend.
+    return gym.wrappers.FrameStackObservation(env, 4, padding_type="zero")
 
 
 def layer_init(layer: nn.Module, gain: float = np.sqrt(2), bias: float = 0.0) -> nn.Module:
@@ -236,6 +291,15 @@ class Agent(nn.Module):
 
     def greedy_action(self, obs: torch.Tensor) -> torch.Tensor:
         return self(obs)[0].argmax(dim=-1)
+
+
+def build_agent(env_id: str, device: torch.device, bf16: bool) -> Agent:
+    """The network for `env_id`'s actions; bf16 autocast only where the hardware has native bf16."""
+    env = gym.make(env_id)
+    # native_bf16 (below the banner) asks the hardware; bf16 runs only where it is native.
+    agent = Agent(int(env.action_space.n), bf16=bf16 and native_bf16(device))
+    env.close()
+    return agent.to(device, memory_format=torch.channels_last)
 
 
 # Copied from ppo_cartpole.py: compute_gae
@@ -376,6 +440,20 @@ def update(
     return stats
 
 
+def mean_over_ranks(tensors: list[torch.Tensor], ranks: Ranks) -> None:
+    """Replace each tensor by its mean over the torchrun ranks (the data-parallel gradient, as
+    DistributedDataParallel averages it), in one all-reduce of them all; alone, leave them be."""
+    if ranks.world == 1:
+        return
+    flat = torch.cat([tensor.flatten() for tensor in tensors])
+    ranks.collective(lambda: dist.all_reduce(flat))  # the sum over the ranks
+    flat /= ranks.world
+    offset = 0
+    for tensor in tensors:
+        tensor.copy_(flat[offset : offset + tensor.numel()].view_as(tensor))
+        offset += tensor.numel()
+
+
 def main(args: Args) -> None:
     validate(args)
     if args.eval_checkpoint:
@@ -482,7 +560,7 @@ def main(args: Args) -> None:
         b_advantages = advantages.flatten()
         stats = update(
             agent, optimizer, args, keep, obs.flatten(0, 1), actions.flatten(), logprobs.flatten(),
-            b_advantages, b_returns, b_values, ranks.average,
+            b_advantages, b_returns, b_values, functools.partial(mean_over_ranks, ranks=ranks),
         )  # fmt: skip
 
         # Logging, the NaN check, the progress bar, checkpoints and stop signals (a non-finite loss
@@ -516,8 +594,8 @@ def main(args: Args) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# Plumbing: validation, the gymnasium backend, evaluation, checkpoints, logging, signals, ranks.
-# A first reading can stop here: nothing below changes what the algorithm computes.
+# Plumbing: validation, evaluation, checkpoints, logging, stop signals, torchrun ranks.
+# A first reading can stop here: nothing below changes what is learned or delivered.
 # ----------------------------------------------------------------------------------------------
 
 # Checkpoints say what they hold by this kind, not by the script's file name, so a renamed copy of
@@ -626,31 +704,6 @@ def validate(args: Args) -> None:
     atari_game(args.env_id)
 
 
-# The two id styles this script accepts: the ALE v5 ids (sticky actions on) and the classic
-# NoFrameskip-v4 ids of the DQN/PPO papers (sticky actions off).
-ATARI_ID = re.compile(r"^(ALE/(?P<v5>[A-Za-z]+)-v5|(?P<v4>[A-Za-z]+)NoFrameskip-v4)$")
-
-
-def atari_game(env_id: str) -> tuple[str, float]:
-    """The ROM name and the default sticky-action probability of an Atari id; fail otherwise."""
-    match = ATARI_ID.match(env_id)
-    if match and env_id in gym.registry:
-        spec = gym.spec(env_id)
-        return spec.kwargs["game"], float(spec.kwargs.get("repeat_action_probability", 0.0))
-    accepted = [name for name in gym.registry if ATARI_ID.match(name)]
-    if env_id in gym.registry and gym.spec(env_id).kwargs.get("game"):
-        game = "".join(part.capitalize() for part in gym.spec(env_id).kwargs["game"].split("_"))
-        fail(f"{env_id} is not a supported id style; use ALE/{game}-v5 or {game}NoFrameskip-v4")
-    if env_id in gym.registry:
-        fail(
-            f"{env_id} is not an Atari game; this script trains on ale-py games, "
-            "ALE/<Game>-v5 or <Game>NoFrameskip-v4 (e.g. ALE/Pong-v5)"
-        )
-    close = difflib.get_close_matches(env_id, accepted, n=3, cutoff=0.5)
-    hint = f"; did you mean {', '.join(close)}?" if close else " (ids look like ALE/Pong-v5)"
-    fail(f"unknown environment id {env_id!r}{hint}")
-
-
 # Copied from ppo_cartpole.py: newest_checkpoint
 def newest_checkpoint(folder: str) -> str:
     """The checkpoint of the latest step in `folder` (a stopped run's folder, or its kept ones)."""
@@ -746,14 +799,6 @@ def pick_device(want_cuda: bool, torch_threads: int) -> torch.device:
     return torch.device("cpu")
 
 
-def build_agent(env_id: str, device: torch.device, bf16: bool) -> Agent:
-    """The network for `env_id`'s actions; bf16 autocast only where the hardware has native bf16."""
-    env = gym.make(env_id)
-    agent = Agent(int(env.action_space.n), bf16=bf16 and native_bf16(device))
-    env.close()
-    return agent.to(device, memory_format=torch.channels_last)
-
-
 def native_bf16(device: torch.device) -> bool:
     """True where bfloat16 matrix arithmetic runs in hardware: Ampere or newer GPUs; CPUs with
     AVX512-BF16 or AMX. Elsewhere bf16 is emulated and slower than fp32, so the flag is ignored."""
@@ -774,36 +819,6 @@ def restore(checkpoint: dict, path: str, **objects) -> None:
             target.load_state_dict(checkpoint[key])
     except (RuntimeError, ValueError, KeyError) as error:
         fail(f"{path} does not match this network ({str(error).splitlines()[0]})")
-
-
-class FireOnReset(gym.Wrapper):
-    """Press FIRE after every reset: games like Breakout wait for it (the native env does this)."""
-
-    def reset(self, **kwargs):
-        obs, info = self.env.reset(**kwargs)
-        meanings = self.env.unwrapped.get_action_meanings()
-        if "FIRE" in meanings:
-            obs, _, terminated, truncated, info = self.env.step(meanings.index("FIRE"))
-            if terminated or truncated:
-                obs, info = self.env.reset()
-        return obs, info
-
-
-def make_gymnasium_env(env_id: str, sticky: float, noop_max: int) -> gym.Env:
-    """One game through gymnasium's wrappers, preprocessed as the native vector env does it: the
-    same frames, up to the no-op starts (their random counts come from another generator)."""
-    env = gym.make(
-        env_id,
-        frameskip=1,
-        repeat_action_probability=sticky,
-        full_action_space=False,
-        max_num_frames_per_episode=MAX_EPISODE_FRAMES,
-    )
-    env = gym.wrappers.AtariPreprocessing(env, noop_max=noop_max, frame_skip=4, screen_size=84)
-    env = FireOnReset(env)
-    # The native env starts an episode's stack with three black frames, not with copies of the
-    # first: the network must see the same thing from either backend.
-    return gym.wrappers.FrameStackObservation(env, 4, padding_type="zero")
 
 
 @torch.inference_mode()
@@ -1265,8 +1280,8 @@ COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=5)
 class Ranks:
     """The processes of a torchrun launch (WORLD_SIZE, RANK and LOCAL_RANK in the environment).
 
-    Why an explicit all-reduce rather than DistributedDataParallel: the whole of it is the one line
-    in `update` that averages the gradients, and the same `average` also makes every rank stop its
+    Why an explicit all-reduce rather than DistributedDataParallel: the whole of it is the line in
+    `update` that averages the gradients (`mean_over_ranks`), which also makes every rank stop its
     epochs together under --target-kl; DDP would wrap the agent (`agent.module...`) for the same
     averaging, spread over backward hooks. Launched without torchrun this is rank 0 of 1, and every
     method returns at once: no process group, no extra work.
@@ -1310,18 +1325,6 @@ class Ranks:
             print(message, file=sys.stderr)
             self.before_hard_exit()
             os._exit(1)  # the process group cannot be shut down cleanly without the lost rank
-
-    def average(self, tensors: list[torch.Tensor]) -> None:
-        """Replace each tensor by its mean over the ranks, in one all-reduce."""
-        if self.world == 1:
-            return
-        flat = torch.cat([tensor.flatten() for tensor in tensors])
-        self.collective(lambda: dist.all_reduce(flat))
-        flat /= self.world
-        offset = 0
-        for tensor in tensors:
-            tensor.copy_(flat[offset : offset + tensor.numel()].view_as(tensor))
-            offset += tensor.numel()
 
     def copy_from_rank_0(self, module: nn.Module) -> None:
         """Give every rank rank 0's parameters (each rank initialised its own from its own seed)."""

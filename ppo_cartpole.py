@@ -277,6 +277,76 @@ def update(agent, optimizer, args, b_obs, b_actions, b_logprobs, b_advantages, b
     return stats
 
 
+@torch.inference_mode()
+def evaluate(
+    agent: Agent | None,
+    env_id: str,
+    episodes: int,
+    seed: int,
+    device: torch.device,
+    give_up_below: float | None = None,
+    video_folder: str | None = None,
+) -> np.ndarray:
+    """Play one full episode of the greedy policy in each of `episodes` envs at once (env i seeded
+    seed + i); return their undiscounted returns. With `give_up_below`, stop as soon as an episode
+    ends with less (the returns so far come back): a check of an unsolved policy then costs only
+    its shortest episode. `agent=None` plays uniformly random actions (seeded by `seed`)."""
+
+    def make_env(index: int) -> Callable[[], gym.Env]:
+        def thunk() -> gym.Env:
+            env = gym.make(env_id, render_mode="rgb_array" if video_folder else None)
+            if video_folder is None:
+                return env
+            import warnings
+
+            # Each env records its first episode (env-<i>-episode-0.mp4): one video per evaluation
+            # episode. The recorders after the first find the folder the first one made; the
+            # warning about overwriting it would be about their siblings, so it is theirs to skip.
+            with warnings.catch_warnings():
+                if index > 0:
+                    warnings.filterwarnings("ignore", message=".*Overwriting existing videos")
+                return gym.wrappers.RecordVideo(
+                    env, video_folder, name_prefix=f"env-{index}", disable_logger=True,
+                    episode_trigger=lambda episode: episode == 0,
+                )  # fmt: skip
+
+        return thunk
+
+    envs = gym.vector.SyncVectorEnv([make_env(index) for index in range(episodes)])
+    obs, _ = envs.reset(seed=seed)
+    returns, playing = np.zeros(episodes), np.ones(episodes, dtype=bool)
+    random_actions = np.random.default_rng(seed)
+    while playing.any():
+        if agent is None:
+            actions = random_actions.integers(envs.single_action_space.n, size=episodes)
+        else:
+            obs = torch.as_tensor(obs, dtype=torch.float32, device=device)
+            actions = agent.greedy_action(obs).cpu().numpy()
+        obs, rewards, terminated, truncated, _ = envs.step(actions)
+        returns += rewards * playing  # an env whose episode has ended plays on, uncounted
+        ended = playing & (terminated | truncated)
+        playing &= ~ended
+        if give_up_below is not None and (returns[ended] < give_up_below).any():
+            break
+    envs.close()
+    return returns
+
+
+def solved_threshold(args: Args) -> float | None:
+    """The greedy return at which --stop-when-solved ends training (None: never)."""
+    if not args.stop_when_solved:
+        return None
+    if args.solved_return is not None:
+        return args.solved_return
+    return gym.spec(args.env_id).reward_threshold
+
+
+def crossed(every: int, step: int, previous_step: int) -> bool:
+    """True when a multiple of `every` lies in (previous_step, step]: periodic work (logging,
+    checkpoints) is counted in environment steps, whatever the steps per iteration."""
+    return every > 0 and step // every != previous_step // every
+
+
 def main(args: Args) -> None:
     validate(args)
     if args.eval_checkpoint:
@@ -407,7 +477,7 @@ def main(args: Args) -> None:
 
 # ----------------------------------------------------------------------------------------------
 # Plumbing: validation, evaluation of a checkpoint, checkpoint files, logging and stop signals.
-# A first reading can stop here: nothing below changes what the algorithm computes.
+# A first reading can stop here: nothing below changes what is learned or delivered.
 # ----------------------------------------------------------------------------------------------
 
 # Checkpoints say what they hold by this kind, not by the script's file name, so a renamed copy of
@@ -436,12 +506,6 @@ def explained_variance(predictions: torch.Tensor, targets: torch.Tensor) -> floa
         return float("nan")
     target_variance = targets.var()
     return float(1.0 - (targets - predictions).var() / target_variance)
-
-
-def crossed(every: int, step: int, previous_step: int) -> bool:
-    """True when a multiple of `every` lies in (previous_step, step]: periodic work (logging,
-    checkpoints) is counted in environment steps, whatever the steps per iteration."""
-    return every > 0 and step // every != previous_step // every
 
 
 def fail(message: str) -> NoReturn:
@@ -598,70 +662,6 @@ def restore(checkpoint: dict, path: str, **objects) -> None:
             target.load_state_dict(checkpoint[key])
     except (RuntimeError, ValueError, KeyError) as error:
         fail(f"{path} does not match this network ({str(error).splitlines()[0]})")
-
-
-@torch.inference_mode()
-def evaluate(
-    agent: Agent | None,
-    env_id: str,
-    episodes: int,
-    seed: int,
-    device: torch.device,
-    give_up_below: float | None = None,
-    video_folder: str | None = None,
-) -> np.ndarray:
-    """Play one full episode of the greedy policy in each of `episodes` envs at once (env i seeded
-    seed + i); return their undiscounted returns. With `give_up_below`, stop as soon as an episode
-    ends with less (the returns so far come back): a check of an unsolved policy then costs only
-    its shortest episode. `agent=None` plays uniformly random actions (seeded by `seed`)."""
-
-    def make_env(index: int) -> Callable[[], gym.Env]:
-        def thunk() -> gym.Env:
-            env = gym.make(env_id, render_mode="rgb_array" if video_folder else None)
-            if video_folder is None:
-                return env
-            import warnings
-
-            # Each env records its first episode (env-<i>-episode-0.mp4): one video per evaluation
-            # episode. The recorders after the first find the folder the first one made; the
-            # warning about overwriting it would be about their siblings, so it is theirs to skip.
-            with warnings.catch_warnings():
-                if index > 0:
-                    warnings.filterwarnings("ignore", message=".*Overwriting existing videos")
-                return gym.wrappers.RecordVideo(
-                    env, video_folder, name_prefix=f"env-{index}", disable_logger=True,
-                    episode_trigger=lambda episode: episode == 0,
-                )  # fmt: skip
-
-        return thunk
-
-    envs = gym.vector.SyncVectorEnv([make_env(index) for index in range(episodes)])
-    obs, _ = envs.reset(seed=seed)
-    returns, playing = np.zeros(episodes), np.ones(episodes, dtype=bool)
-    random_actions = np.random.default_rng(seed)
-    while playing.any():
-        if agent is None:
-            actions = random_actions.integers(envs.single_action_space.n, size=episodes)
-        else:
-            obs = torch.as_tensor(obs, dtype=torch.float32, device=device)
-            actions = agent.greedy_action(obs).cpu().numpy()
-        obs, rewards, terminated, truncated, _ = envs.step(actions)
-        returns += rewards * playing  # an env whose episode has ended plays on, uncounted
-        ended = playing & (terminated | truncated)
-        playing &= ~ended
-        if give_up_below is not None and (returns[ended] < give_up_below).any():
-            break
-    envs.close()
-    return returns
-
-
-def solved_threshold(args: Args) -> float | None:
-    """The greedy return at which --stop-when-solved ends training (None: never)."""
-    if not args.stop_when_solved:
-        return None
-    if args.solved_return is not None:
-        return args.solved_return
-    return gym.spec(args.env_id).reward_threshold
 
 
 def eval_summary(returns: np.ndarray) -> str:

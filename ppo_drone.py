@@ -162,6 +162,58 @@ def attitude_norm(quat: jax.Array) -> jax.Array:
     return jnp.linalg.norm(Rotation.from_quat(quat).as_euler("xyz"), axis=-1)
 
 
+def crazyflow_vector_env(args: Args, num_envs: int, jax_device: str) -> VectorEnv:
+    """crazyflow's vector env of `num_envs` drones; settings it cannot build, or an action space
+    this script cannot drive, fail in one line."""
+    import mujoco
+
+    # crazyflow builds its MuJoCo model from a spec without a name prefix, and MuJoCo warns (in C,
+    # straight to stderr) that such a model may not save correctly; it is never saved here. Route
+    # MuJoCo's warnings through Python's warnings module so that exactly this one is silenced.
+    mujoco.set_mju_user_warning(lambda message: warnings.warn(message, stacklevel=2))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Attaching a spec with an empty prefix")
+        try:
+            envs = gym.make_vec(
+                args.env_id,
+                num_envs=num_envs,
+                freq=args.env_freq,
+                max_episode_time=args.max_episode_time,
+                device=jax_device,
+            )
+        except (ValueError, TypeError) as error:
+            fail(f"cannot build {args.env_id} with these settings: {error}")
+    space = envs.single_action_space
+    if not isinstance(space, gym.spaces.Box) or len(space.shape) != 1:
+        fail(f"{args.env_id} actions are {space}; this script needs a 1-D Box")
+    if args.zero_yaw and space.shape != (4,):
+        fail(
+            f"--zero-yaw needs the 4-number attitude command; {args.env_id} takes {space} "
+            "(pass --no-zero-yaw)"
+        )
+    return envs
+
+
+# The JAX side of DroneTask, compiled: one XLA program a step rather than one call per operation.
+@jax.jit
+def flatten_observation(obs: dict[str, jax.Array]) -> jax.Array:
+    """Concatenate the dict's entries per drone, in gymnasium's (sorted) key order."""
+    return jnp.concatenate([obs[key].reshape(obs[key].shape[0], -1) for key in sorted(obs)], -1)
+
+
+@jax.jit
+def tracking_error(obs: dict[str, jax.Array]) -> jax.Array:
+    """Distance (m) to the reference point the reward is measured against: the first three numbers
+    of `local_samples` are the position error to the trajectory point of the step's reward."""
+    return jnp.linalg.norm(obs["local_samples"][:, :3], axis=-1)
+
+
+@jax.jit
+def insert_zero_yaw(actions: jax.Array) -> jax.Array:
+    """(roll, pitch, thrust) -> (roll, pitch, 0, thrust): a yaw command of 0 rad."""
+    return jnp.insert(actions, YAW, 0.0, axis=-1)
+
+
 class DroneTask(VectorWrapper):
     """JAX side of the task: flat observations, yaw held at 0, attitude penalty, tracking error.
 
@@ -200,6 +252,61 @@ class DroneTask(VectorWrapper):
         if self.attitude_coef:
             reward = reward - self.attitude_coef * attitude_norm(obs["quat"])
         return flatten_observation(obs), reward, terminated, truncated, info
+
+
+def update_mean_var(mean: torch.Tensor, var: torch.Tensor, count: float, batch: torch.Tensor):
+    """Merge a batch's moments into running (mean, var, count): Chan et al.'s parallel update."""
+    batch_mean, batch_var, batch_count = batch.mean(0), batch.var(0, unbiased=False), len(batch)
+    delta = batch_mean - mean
+    total = count + batch_count
+    new_mean = mean + delta * batch_count / total
+    m2 = var * count + batch_var * batch_count + delta.square() * count * batch_count / total
+    return new_mean, m2 / total, total
+
+
+class NormalizeObservation(VectorWrapper):
+    """Running mean/std normalisation of torch observations, with statistics that can be frozen.
+
+    The statistics are updated from every observation while `update_stats` is on (training). The
+    checkpoint carries them, and evaluation restores them frozen: a policy only flies well on
+    inputs scaled as in its training.
+    """
+
+    def __init__(self, env: VectorEnv, device: torch.device, epsilon: float = 1e-8):
+        super().__init__(env)
+        shape = env.single_observation_space.shape
+        self.mean = torch.zeros(shape, device=device)
+        self.var = torch.ones(shape, device=device)
+        self.count = 1e-4
+        self.epsilon = epsilon
+        self.update_stats = True
+
+    def normalize(self, obs: torch.Tensor) -> torch.Tensor:
+        if self.update_stats:
+            self.mean, self.var, self.count = update_mean_var(self.mean, self.var, self.count, obs)
+        return (obs - self.mean) / torch.sqrt(self.var + self.epsilon)
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        obs, info = self.env.reset(seed=seed, options=options)
+        return self.normalize(obs), info
+
+    def step(self, actions: torch.Tensor):
+        obs, reward, terminated, truncated, info = self.env.step(actions)
+        return self.normalize(obs), reward, terminated, truncated, info
+
+    def state_dict(self) -> dict:
+        return {"mean": self.mean.cpu(), "var": self.var.cpu(), "count": float(self.count)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.mean = state["mean"].to(self.mean.device, self.mean.dtype)
+        self.var = state["var"].to(self.var.device, self.var.dtype)
+        self.count = float(state["count"])
+
+    def freeze(self, state: dict) -> None:
+        """Normalise with the statistics `state` from now on, without updating them: evaluation
+        scales a policy's inputs as its training did."""
+        self.load_state_dict(state)
+        self.update_stats = False
 
 
 def make_envs(args: Args, num_envs: int, jax_device: str, device: torch.device):
@@ -505,7 +612,7 @@ def main(args: Args) -> None:
 
 # ----------------------------------------------------------------------------------------------
 # Plumbing: validation, evaluation of a checkpoint, checkpoint files, logging and stop signals.
-# A first reading can stop here: nothing below changes what the algorithm computes.
+# A first reading can stop here: nothing below changes what is learned or delivered.
 # ----------------------------------------------------------------------------------------------
 
 # Checkpoints say what they hold by this kind, not by the script's file name, so a renamed copy of
@@ -821,113 +928,6 @@ def save_flight(
     figure.tight_layout()
     figure.savefig(folder / "flight.png", dpi=100)
     plt.close(figure)
-
-
-def crazyflow_vector_env(args: Args, num_envs: int, jax_device: str) -> VectorEnv:
-    """crazyflow's vector env of `num_envs` drones; settings it cannot build, or an action space
-    this script cannot drive, fail in one line."""
-    import mujoco
-
-    # crazyflow builds its MuJoCo model from a spec without a name prefix, and MuJoCo warns (in C,
-    # straight to stderr) that such a model may not save correctly; it is never saved here. Route
-    # MuJoCo's warnings through Python's warnings module so that exactly this one is silenced.
-    mujoco.set_mju_user_warning(lambda message: warnings.warn(message, stacklevel=2))
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Attaching a spec with an empty prefix")
-        try:
-            envs = gym.make_vec(
-                args.env_id,
-                num_envs=num_envs,
-                freq=args.env_freq,
-                max_episode_time=args.max_episode_time,
-                device=jax_device,
-            )
-        except (ValueError, TypeError) as error:
-            fail(f"cannot build {args.env_id} with these settings: {error}")
-    space = envs.single_action_space
-    if not isinstance(space, gym.spaces.Box) or len(space.shape) != 1:
-        fail(f"{args.env_id} actions are {space}; this script needs a 1-D Box")
-    if args.zero_yaw and space.shape != (4,):
-        fail(
-            f"--zero-yaw needs the 4-number attitude command; {args.env_id} takes {space} "
-            "(pass --no-zero-yaw)"
-        )
-    return envs
-
-
-# The JAX side of DroneTask, compiled: one XLA program a step rather than one call per operation.
-@jax.jit
-def flatten_observation(obs: dict[str, jax.Array]) -> jax.Array:
-    """Concatenate the dict's entries per drone, in gymnasium's (sorted) key order."""
-    return jnp.concatenate([obs[key].reshape(obs[key].shape[0], -1) for key in sorted(obs)], -1)
-
-
-@jax.jit
-def tracking_error(obs: dict[str, jax.Array]) -> jax.Array:
-    """Distance (m) to the reference point the reward is measured against: the first three numbers
-    of `local_samples` are the position error to the trajectory point of the step's reward."""
-    return jnp.linalg.norm(obs["local_samples"][:, :3], axis=-1)
-
-
-@jax.jit
-def insert_zero_yaw(actions: jax.Array) -> jax.Array:
-    """(roll, pitch, thrust) -> (roll, pitch, 0, thrust): a yaw command of 0 rad."""
-    return jnp.insert(actions, YAW, 0.0, axis=-1)
-
-
-def update_mean_var(mean: torch.Tensor, var: torch.Tensor, count: float, batch: torch.Tensor):
-    """Merge a batch's moments into running (mean, var, count): Chan et al.'s parallel update."""
-    batch_mean, batch_var, batch_count = batch.mean(0), batch.var(0, unbiased=False), len(batch)
-    delta = batch_mean - mean
-    total = count + batch_count
-    new_mean = mean + delta * batch_count / total
-    m2 = var * count + batch_var * batch_count + delta.square() * count * batch_count / total
-    return new_mean, m2 / total, total
-
-
-class NormalizeObservation(VectorWrapper):
-    """Running mean/std normalisation of torch observations, with statistics that can be frozen.
-
-    The statistics are updated from every observation while `update_stats` is on (training). The
-    checkpoint carries them, and evaluation restores them frozen: a policy only flies well on
-    inputs scaled as in its training.
-    """
-
-    def __init__(self, env: VectorEnv, device: torch.device, epsilon: float = 1e-8):
-        super().__init__(env)
-        shape = env.single_observation_space.shape
-        self.mean = torch.zeros(shape, device=device)
-        self.var = torch.ones(shape, device=device)
-        self.count = 1e-4
-        self.epsilon = epsilon
-        self.update_stats = True
-
-    def normalize(self, obs: torch.Tensor) -> torch.Tensor:
-        if self.update_stats:
-            self.mean, self.var, self.count = update_mean_var(self.mean, self.var, self.count, obs)
-        return (obs - self.mean) / torch.sqrt(self.var + self.epsilon)
-
-    def reset(self, *, seed: int | None = None, options: dict | None = None):
-        obs, info = self.env.reset(seed=seed, options=options)
-        return self.normalize(obs), info
-
-    def step(self, actions: torch.Tensor):
-        obs, reward, terminated, truncated, info = self.env.step(actions)
-        return self.normalize(obs), reward, terminated, truncated, info
-
-    def state_dict(self) -> dict:
-        return {"mean": self.mean.cpu(), "var": self.var.cpu(), "count": float(self.count)}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.mean = state["mean"].to(self.mean.device, self.mean.dtype)
-        self.var = state["var"].to(self.var.device, self.var.dtype)
-        self.count = float(state["count"])
-
-    def freeze(self, state: dict) -> None:
-        """Normalise with the statistics `state` from now on, without updating them: evaluation
-        scales a policy's inputs as its training did."""
-        self.load_state_dict(state)
-        self.update_stats = False
 
 
 @contextlib.contextmanager

@@ -273,7 +273,7 @@ def main(args: Args) -> None:
 
 # ----------------------------------------------------------------------------------------------
 # Plumbing: validation, evaluation of a checkpoint, checkpoint files, logging and stop signals.
-# A first reading can stop here: nothing below changes what the algorithm computes.
+# A first reading can stop here: nothing below changes what is learned or delivered.
 # ----------------------------------------------------------------------------------------------
 
 # Checkpoints say what they hold by this kind, not by the script's file name, so a renamed copy of

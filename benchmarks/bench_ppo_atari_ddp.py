@@ -9,7 +9,7 @@ all-reduce, on this machine.
    would otherwise fight over them): agent steps per second over the whole training, from the
    first to the last `charts/SPS` event (start-up and the final evaluation left out).
 2. Communication: two gloo processes all-reduce a float32 tensor the size of the Nature CNN's
-   parameters (what `Ranks.average` sends once per gradient step), 50 times; the median time, and
+   parameters (what `mean_over_ranks` sends once per gradient step), 50 times; the median time, and
    that times the gradient steps of one update (epochs x minibatches).
 
 On one 2-core machine two ranks share the cores that one process had: expect little or no

@@ -231,7 +231,7 @@ def test_alone_it_is_rank_0_of_1_and_the_collectives_do_nothing(monkeypatch):
     ranks = ppo_atari.Ranks(want_cuda=False)
     assert (ranks.world, ranks.rank, ranks.is_main) == (1, 0, True)
     gradients = [torch.tensor([1.0, 2.0]), torch.tensor([[3.0]])]
-    ranks.average(gradients)
+    ppo_atari.mean_over_ranks(gradients, ranks)
     assert gradients[0].tolist() == [1.0, 2.0] and gradients[1].tolist() == [[3.0]]
     assert ranks.agree_on_signal(None) is None
     assert ranks.agree_on_signal(signal.SIGTERM) == signal.SIGTERM
