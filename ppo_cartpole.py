@@ -385,12 +385,13 @@ def main(args: Args) -> None:
     rewards = np.zeros((args.num_steps, args.num_envs), dtype=np.float32)
     terminated = np.zeros((args.num_steps, args.num_envs), dtype=bool)
     episode_ended = np.zeros((args.num_steps, args.num_envs), dtype=bool)
+    valid = np.zeros((args.num_steps, args.num_envs), dtype=bool)
     values = torch.zeros((args.num_steps + 1, args.num_envs), device=device)
 
     next_obs, _ = envs.reset(seed=seed)
     next_obs = torch.as_tensor(next_obs, dtype=torch.float32, device=device)
-    # True where the last step of the previous rollout ended an episode.
-    previous_rollout_ended = np.zeros(args.num_envs, dtype=bool)
+    # True where the env's previous step ended an episode: its next step is the autoreset step.
+    next_is_autoreset = np.zeros(args.num_envs, dtype=bool)
     solved_return, solved_at = solved_threshold(args), None
 
     for iteration in range(start_iteration, args.num_iterations + 1):
@@ -402,6 +403,10 @@ def main(args: Args) -> None:
         for step in range(args.num_steps):
             global_step += args.num_envs
             obs[step] = next_obs
+            # Gymnasium >= 1.0 autoresets on the step *after* an episode ends: that step ignores the
+            # action and returns the reset observation with reward 0. It is not a transition, so
+            # it is kept out of the update (valid = False) instead of being learned from.
+            valid[step] = ~next_is_autoreset
             with torch.inference_mode():
                 action, logprob, _, value = agent.get_action_and_value(next_obs)
             values[step], actions[step], logprobs[step] = value, action, logprob
@@ -409,7 +414,7 @@ def main(args: Args) -> None:
             obs_np, rewards[step], terminated[step], truncated, infos = envs.step(
                 action.cpu().numpy()
             )
-            episode_ended[step] = terminated[step] | truncated
+            next_is_autoreset = episode_ended[step] = terminated[step] | truncated
             next_obs = torch.as_tensor(obs_np, dtype=torch.float32, device=device)
             for i in np.flatnonzero(infos.get("_episode", [])):
                 run.log_episode(infos["episode"]["r"][i], infos["episode"]["l"][i], global_step)
@@ -425,12 +430,8 @@ def main(args: Args) -> None:
                 rewards_t, values, terminated_t, episode_ended_t, args.gamma, args.gae_lambda
             )
 
-        # Gymnasium >= 1.0 autoresets on the step *after* an episode ends: that step ignores the
-        # action and returns the reset observation with reward 0. It is not a transition, so it is
-        # dropped from the update rather than learned from.
-        autoreset = np.concatenate([previous_rollout_ended[None], episode_ended[:-1]])
-        previous_rollout_ended = episode_ended[-1].copy()
-        keep = torch.as_tensor(~autoreset, device=device).reshape(-1)
+        # Flatten the rollout and drop the autoreset steps.
+        keep = torch.as_tensor(valid, device=device).reshape(-1)
         b_obs, b_actions, b_logprobs, b_advantages, b_returns, b_values = (
             tensor.flatten(0, 1)[keep]
             for tensor in (obs, actions, logprobs, advantages, returns, values[:-1])
