@@ -54,28 +54,8 @@ class Args:
     """the W&B project"""
     wandb_entity: str | None = None
     """the W&B entity (team or user); None uses your default"""
-    wandb_group: str | None = None
-    """W&B group, so the seeds of one experiment plot together (default: --exp-name)"""
     capture_video: bool = False
     """record the evaluation episodes as mp4 under videos/<run_name>/"""
-    save_model: bool = True
-    """save the checkpoint runs/<run_name>/<exp_name>.pt (at the end, periodically, on a signal)"""
-    checkpoint_freq: int = 50_000
-    """also checkpoint every this many env steps, each kept in runs/<run>/checkpoints/ (0: off)"""
-    log_interval: int = 640
-    """write the loss statistics every this many environment steps"""
-    resume: str | None = None
-    """path of a checkpoint to continue training from (with the checkpoint's settings)"""
-    eval_checkpoint: str | None = None
-    """a checkpoint to evaluate, or a folder of them to draw the evaluation curve of; then exit"""
-    eval_episodes: int = 10
-    """episodes of the final evaluation, of --eval-checkpoint and of each solved check"""
-    stop_when_solved: bool = True
-    """stop once every one of --eval-episodes fresh greedy episodes reaches --solved-return"""
-    solved_check_freq: int = 1024
-    """environment steps between two checks of --stop-when-solved"""
-    solved_return: float | None = None
-    """the return that counts as solved (default: the env's reward threshold, 475 for CartPole)"""
 
     env_id: str = "CartPole-v1"
     """a gymnasium environment with a 1-D Box observation and a Discrete action space"""
@@ -105,6 +85,28 @@ class Args:
     """global gradient-norm clipping threshold"""
     hidden_size: int = 64
     """width of the two hidden layers of the shared trunk"""
+    stop_when_solved: bool = True
+    """stop once every one of --eval-episodes fresh greedy episodes reaches --solved-return"""
+    solved_check_freq: int = 1024
+    """environment steps between two checks of --stop-when-solved"""
+    solved_return: float | None = None
+    """the return that counts as solved (default: the env's reward threshold, 475 for CartPole)"""
+
+    # The run around the algorithm: checkpoints, resuming, logging, evaluation.
+    wandb_group: str | None = None
+    """W&B group, so the seeds of one experiment plot together (default: --exp-name)"""
+    save_model: bool = True
+    """save the checkpoint runs/<run_name>/<exp_name>.pt (at the end, periodically, on a signal)"""
+    checkpoint_freq: int = 50_000
+    """also checkpoint every this many env steps, each kept in runs/<run>/checkpoints/ (0: off)"""
+    log_interval: int = 640
+    """write the loss statistics every this many environment steps"""
+    resume: str | None = None
+    """path of a checkpoint to continue training from (with the checkpoint's settings)"""
+    eval_checkpoint: str | None = None
+    """a checkpoint to evaluate, or a folder of them to draw the evaluation curve of; then exit"""
+    eval_episodes: int = 10
+    """episodes of the final evaluation, of --eval-checkpoint and of each solved check"""
 
     @property
     def batch_size(self) -> int:

@@ -61,26 +61,8 @@ class Args:
     """the W&B project"""
     wandb_entity: str | None = None
     """the W&B entity (team or user); None uses your default"""
-    wandb_group: str | None = None
-    """W&B group, so the seeds of one experiment plot together (default: --exp-name)"""
     capture_video: bool = False
     """record the evaluation episodes as mp4 in videos/<run_name>/ (pixels: what the agent sees)"""
-    save_model: bool = True
-    """save the checkpoint runs/<run_name>/<exp_name>.pt (at the end, periodically, on a signal)"""
-    checkpoint_freq: int = 100_000
-    """also checkpoint every this many env steps, each kept in runs/<run>/checkpoints/ (0: off)"""
-    log_interval: int = 1_000
-    """write the loss statistics every this many environment steps"""
-    resume: str | None = None
-    """path of a checkpoint to continue training from (the replay buffer refills first)"""
-    eval_checkpoint: str | None = None
-    """a checkpoint to evaluate, or a folder of them to draw the evaluation curve of; then exit"""
-    eval_episodes: int = 10
-    """episodes of the final evaluation, of --eval-checkpoint and of each periodic evaluation"""
-    # DQN's greedy score swings from one stretch of training to the next on this game, so the run
-    # delivers the best network seen (as SB3's EvalCallback keeps it), not the one it ended on.
-    eval_freq: int = 20_000
-    """env steps between greedy evaluations on fresh seeds that keep the best network (0: none)"""
 
     env_id: str = "FlappyBird-v0"
     """a gymnasium environment with a Discrete action space (FlappyBird-v0 for lidar/pixels)"""
@@ -129,6 +111,26 @@ class Args:
     """the scenery behind FlappyBird (default day; pixels plain: no scenery to learn around)"""
     bf16: bool = True
     """run the pixel CNN in bfloat16 where the hardware has native bf16 (see QNetwork)"""
+    # DQN's greedy score swings from one stretch of training to the next on this game, so the run
+    # delivers the best network seen (as SB3's EvalCallback keeps it), not the one it ended on.
+    eval_freq: int = 20_000
+    """env steps between greedy evaluations on fresh seeds that keep the best network (0: none)"""
+
+    # The run around the algorithm: checkpoints, resuming, logging, evaluation.
+    wandb_group: str | None = None
+    """W&B group, so the seeds of one experiment plot together (default: --exp-name)"""
+    save_model: bool = True
+    """save the checkpoint runs/<run_name>/<exp_name>.pt (at the end, periodically, on a signal)"""
+    checkpoint_freq: int = 100_000
+    """also checkpoint every this many env steps, each kept in runs/<run>/checkpoints/ (0: off)"""
+    log_interval: int = 1_000
+    """write the loss statistics every this many environment steps"""
+    resume: str | None = None
+    """path of a checkpoint to continue training from (the replay buffer refills first)"""
+    eval_checkpoint: str | None = None
+    """a checkpoint to evaluate, or a folder of them to draw the evaluation curve of; then exit"""
+    eval_episodes: int = 10
+    """episodes of the final evaluation, of --eval-checkpoint and of each periodic evaluation"""
 
     def __post_init__(self):  # the fields left at None take their mode's default
         apply_mode_defaults(self)

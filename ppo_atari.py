@@ -72,27 +72,13 @@ class Args:
     """the W&B project"""
     wandb_entity: str | None = None
     """the W&B entity (team or user); None uses your default"""
-    wandb_group: str | None = None
-    """W&B group, so the seeds of one experiment plot together (default: --exp-name)"""
     capture_video: bool = False
     """record the first evaluation game as mp4 under videos/<run_name>/, as the network sees it"""
-    save_model: bool = True
-    """save the checkpoint runs/<run_name>/<exp_name>.pt (at the end, periodically, on a signal)"""
-    checkpoint_freq: int = 500_000
-    """also checkpoint every this many agent steps, each kept in runs/<run>/checkpoints/ (0: off)"""
-    log_interval: int = 1024
-    """write the loss statistics every this many agent steps (0: never)"""
-    resume: str | None = None
-    """path of a checkpoint to continue training from (with the checkpoint's settings)"""
-    eval_checkpoint: str | None = None
-    """a checkpoint to evaluate, or a folder of them to draw the evaluation curve of; then exit"""
-    eval_episodes: int = 10
-    """games of the final evaluation and of --eval-checkpoint, played in parallel"""
+
     env_id: str = "ALE/Pong-v5"
     """an Atari game: ALE/<Game>-v5 (sticky actions) or <Game>NoFrameskip-v4 (none)"""
     total_timesteps: int = 10_000_000
     """agent steps to train for, summed over the envs (each agent step is 4 game frames)"""
-
     eval_greedy: bool = False
     """evaluate the most probable action instead of sampling the policy (see `evaluate`)"""
     env_backend: Literal["ale", "gymnasium"] = "ale"
@@ -135,6 +121,22 @@ class Args:
     """global gradient-norm clipping threshold"""
     target_kl: float | None = None
     """stop the epochs of an update early once the approximate KL exceeds this (None: never)"""
+
+    # The run around the algorithm: checkpoints, resuming, logging, evaluation.
+    wandb_group: str | None = None
+    """W&B group, so the seeds of one experiment plot together (default: --exp-name)"""
+    save_model: bool = True
+    """save the checkpoint runs/<run_name>/<exp_name>.pt (at the end, periodically, on a signal)"""
+    checkpoint_freq: int = 500_000
+    """also checkpoint every this many agent steps, each kept in runs/<run>/checkpoints/ (0: off)"""
+    log_interval: int = 1024
+    """write the loss statistics every this many agent steps (0: never)"""
+    resume: str | None = None
+    """path of a checkpoint to continue training from (with the checkpoint's settings)"""
+    eval_checkpoint: str | None = None
+    """a checkpoint to evaluate, or a folder of them to draw the evaluation curve of; then exit"""
+    eval_episodes: int = 10
+    """games of the final evaluation and of --eval-checkpoint, played in parallel"""
 
     @property
     def batch_size(self) -> int:

@@ -76,22 +76,8 @@ class Args:
     """the W&B project"""
     wandb_entity: str | None = None
     """the W&B entity (team or user); None uses your default"""
-    wandb_group: str | None = None
-    """W&B group, so the seeds of one experiment plot together (default: --exp-name)"""
     capture_video: bool = False
     """render one evaluation flight to mp4 and plot its path (PNG) under videos/<run_name>/"""
-    save_model: bool = True
-    """save the checkpoint runs/<run_name>/<exp_name>.pt (at the end, periodically, on a signal)"""
-    checkpoint_freq: int = 200_000
-    """also checkpoint every this many env steps, each kept in runs/<run>/checkpoints/ (0: off)"""
-    log_interval: int = 16_384
-    """write the loss statistics every this many environment steps"""
-    resume: str | None = None
-    """path of a checkpoint to continue training from (with the checkpoint's settings)"""
-    eval_checkpoint: str | None = None
-    """a checkpoint to evaluate, or a folder of them to draw the evaluation curve of; then exit"""
-    eval_episodes: int = 10
-    """episodes of the final deterministic evaluation and of --eval-checkpoint"""
 
     env_id: str = "DroneFigureEightTrajectory-v0"
     """a crazyflow environment (DroneFigureEightTrajectory-v0, DroneReachPos-v0, ...)"""
@@ -146,6 +132,22 @@ class Args:
     """stop the epochs of an update early once the approximate KL exceeds this (None: never)"""
     hidden_size: int = 64
     """width of the two hidden layers of the actor and of the critic"""
+
+    # The run around the algorithm: checkpoints, resuming, logging, evaluation.
+    wandb_group: str | None = None
+    """W&B group, so the seeds of one experiment plot together (default: --exp-name)"""
+    save_model: bool = True
+    """save the checkpoint runs/<run_name>/<exp_name>.pt (at the end, periodically, on a signal)"""
+    checkpoint_freq: int = 200_000
+    """also checkpoint every this many env steps, each kept in runs/<run>/checkpoints/ (0: off)"""
+    log_interval: int = 16_384
+    """write the loss statistics every this many environment steps"""
+    resume: str | None = None
+    """path of a checkpoint to continue training from (with the checkpoint's settings)"""
+    eval_checkpoint: str | None = None
+    """a checkpoint to evaluate, or a folder of them to draw the evaluation curve of; then exit"""
+    eval_episodes: int = 10
+    """episodes of the final deterministic evaluation and of --eval-checkpoint"""
 
     @property
     def batch_size(self) -> int:

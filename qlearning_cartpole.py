@@ -50,22 +50,8 @@ class Args:
     """the W&B project"""
     wandb_entity: str | None = None
     """the W&B entity (team or user); None uses your default"""
-    wandb_group: str | None = None
-    """W&B group, so the seeds of one experiment plot together (default: --exp-name)"""
     capture_video: bool = False
     """record the evaluation episodes as mp4 under videos/<run_name>/"""
-    save_model: bool = True
-    """save the checkpoint runs/<run_name>/<exp_name>.npz (at the end, periodically, on a signal)"""
-    checkpoint_freq: int = 500_000
-    """also checkpoint every this many env steps, each kept in runs/<run>/checkpoints/ (0: off)"""
-    log_interval: int = 10_000
-    """write the learning rate, epsilon, SPS and TD statistics every this many env steps"""
-    resume: str | None = None
-    """path of a checkpoint to continue training from (with the checkpoint's settings)"""
-    eval_checkpoint: str | None = None
-    """a checkpoint to evaluate, or a folder of them to draw the evaluation curve of; then exit"""
-    eval_episodes: int = 10
-    """episodes of the final greedy evaluation and of --eval-checkpoint"""
 
     env_id: str = "CartPole-v1"
     """a gymnasium environment with a 1-D Box observation and a Discrete action space"""
@@ -95,6 +81,22 @@ class Args:
     """capacity of an optional experience replay of past transitions (0 disables it)"""
     replay_batch_size: int = 128
     """transitions drawn from the replay and updated again after every vector step"""
+
+    # The run around the algorithm: checkpoints, resuming, logging, evaluation.
+    wandb_group: str | None = None
+    """W&B group, so the seeds of one experiment plot together (default: --exp-name)"""
+    save_model: bool = True
+    """save the checkpoint runs/<run_name>/<exp_name>.npz (at the end, periodically, on a signal)"""
+    checkpoint_freq: int = 500_000
+    """also checkpoint every this many env steps, each kept in runs/<run>/checkpoints/ (0: off)"""
+    log_interval: int = 10_000
+    """write the learning rate, epsilon, SPS and TD statistics every this many env steps"""
+    resume: str | None = None
+    """path of a checkpoint to continue training from (with the checkpoint's settings)"""
+    eval_checkpoint: str | None = None
+    """a checkpoint to evaluate, or a folder of them to draw the evaluation curve of; then exit"""
+    eval_episodes: int = 10
+    """episodes of the final greedy evaluation and of --eval-checkpoint"""
 
     @property
     def num_iterations(self) -> int:
