@@ -299,7 +299,7 @@ class ReplayBuffer:
     and the reward and termination that followed; the next observation is slot t + 1. Each frame
     is stored once (not 2 x 4 times in (obs, next_obs)); a stack is read from consecutive slots.
     The autoreset step after an episode is stored (its frame is the final observation) but flagged
-    `final`: no transition starts there. The slot after it is `first`: stacks never reach back
+    `autoreset`: no transition starts there. The slot after it is `first`: stacks never reach back
     across it but repeat it, as FrameStackObservation(padding="reset") does.
     """
 
@@ -311,7 +311,7 @@ class ReplayBuffer:
         self.rewards = np.zeros((capacity, num_envs), dtype=np.float32)
         self.terminated = np.zeros((capacity, num_envs), dtype=np.bool_)
         self.first = np.zeros((capacity, num_envs), dtype=np.bool_)
-        self.final = np.zeros((capacity, num_envs), dtype=np.bool_)
+        self.autoreset = np.zeros((capacity, num_envs), dtype=np.bool_)
         self.pos, self.full = 0, False
         self.next_is_first = np.ones(num_envs, dtype=np.bool_)
         self.rng = np.random.default_rng(seed)
@@ -320,23 +320,23 @@ class ReplayBuffer:
         """Slots written per env (transitions stored, counting the final-observation slots)."""
         return self.capacity if self.full else self.pos
 
-    def add(self, obs, actions, rewards, terminated, final) -> None:
+    def add(self, obs, actions, rewards, terminated, autoreset) -> None:
         """Store one vector step: the observations acted on, the actions, rewards, terminations.
-        `final[e]`: env e's observation ended its episode, so this is its autoreset step."""
+        `autoreset[e]`: env e's observation ended its episode, so this is its autoreset step."""
         self.frames[self.pos] = obs if self.stack is None else obs[:, -1]
         self.actions[self.pos] = actions
         self.rewards[self.pos] = rewards
         self.terminated[self.pos] = terminated
         self.first[self.pos] = self.next_is_first
-        self.final[self.pos] = final
-        self.next_is_first = np.array(final, dtype=np.bool_)
+        self.autoreset[self.pos] = autoreset
+        self.next_is_first = np.array(autoreset, dtype=np.bool_)
         self.pos = (self.pos + 1) % self.capacity
         self.full = self.full or self.pos == 0
 
     def _valid(self, t: np.ndarray, e: np.ndarray) -> np.ndarray:
         """Slots that start a real transition whose frames are all still in the buffer."""
         newest = (self.pos - 1) % self.capacity
-        valid = ~self.final[t, e] & (t != newest)  # the newest slot has no next observation yet
+        valid = ~self.autoreset[t, e] & (t != newest)  # the newest slot has no next observation yet
         if self.full:
             # The oldest stack - 1 slots would stack frames that were overwritten by the newest.
             valid &= (t - self.pos) % self.capacity >= self.frames_per_obs - 1
@@ -585,8 +585,8 @@ def main(args: Args) -> None:
     )
     rng = np.random.default_rng(seed)
     obs, _ = envs.reset(seed=seed)
-    # True where the env's observation is the last of its episode: its next step is the autoreset.
-    final = np.zeros(args.num_envs, dtype=np.bool_)
+    # True where the env's previous step ended an episode: its next step is the autoreset step.
+    next_is_autoreset = np.zeros(args.num_envs, dtype=np.bool_)
     stats = {"finite": True}
     for iteration in range(global_step // args.num_envs + 1, num_iterations + 1):
         # Act epsilon-greedily in every env and store the step.
@@ -599,8 +599,8 @@ def main(args: Args) -> None:
             greedy = q_network(torch.as_tensor(obs, device=device)).argmax(dim=1).cpu().numpy()
         actions = np.where(explore, random_actions, greedy)
         next_obs, rewards, terminated, truncated, infos = envs.step(actions)
-        rb.add(obs, actions, rewards, terminated, final)
-        final, obs = terminated | truncated, next_obs
+        rb.add(obs, actions, rewards, terminated, next_is_autoreset)
+        next_is_autoreset, obs = terminated | truncated, next_obs
         for i in np.flatnonzero(infos.get("_episode", [])):
             run.log_episode(infos["episode"]["r"][i], infos["episode"]["l"][i], global_step)
             if "score" in infos:  # Flappy Bird's pipes passed
