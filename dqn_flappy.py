@@ -1197,8 +1197,11 @@ class Run:
             raise KeyboardInterrupt
         if self.signum is not None:  # the second signal: abort from wherever the code is
             print(f"\n{name} again: aborted; nothing was saved since the last checkpoint",
-                  file=sys.stderr)  # fmt: skip
-            raise SystemExit(128 + signum)
+                  file=sys.stderr, flush=True)  # fmt: skip
+            # Not SystemExit: Python only prints an exception raised inside a callback (a weakref's,
+            # the garbage collector's) and goes on; os._exit ends the process wherever it is.
+            sys.stdout.flush()
+            os._exit(128 + signum)
         self.signum = signum
         print(f"\n{name}: stopping after this iteration (send it again to abort without saving)",
               file=sys.stderr)  # fmt: skip

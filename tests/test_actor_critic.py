@@ -554,7 +554,13 @@ def test_a_second_signal_aborts_without_saving(run_script):
     assert not result.checkpoints(), "an aborted run saves nothing"
 
 
-def test_a_stop_signal_ends_the_iteration_with_its_exit_code_and_a_second_one_aborts(in_tmp_path):
+def test_a_stop_signal_ends_the_iteration_with_its_exit_code_and_a_second_one_aborts(
+    in_tmp_path, monkeypatch
+):
+    def exit_now(code: int):  # the abort's os._exit, as an exception this process survives
+        raise SystemExit(code)
+
+    monkeypatch.setattr(actor_critic.os, "_exit", exit_now)
     for signum, code in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
         run = actor_critic.Run(actor_critic.Args(save_model=False), total_steps=64)
         assert not run.end_iteration(64, 0, {}, dict)

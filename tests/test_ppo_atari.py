@@ -213,6 +213,11 @@ def test_update_never_averages_an_empty_minibatch(kept):
 def test_sigint_and_sigterm_ask_to_stop_and_a_second_signal_aborts(monkeypatch):
     # The signal handling of every rank's Run (here a RankRun's, which opens no log).
     monkeypatch.setenv("SDL_NO_SIGNAL_HANDLERS", "1")
+
+    def exit_now(code: int):  # the abort's os._exit, as an exception this process survives
+        raise SystemExit(code)
+
+    monkeypatch.setattr(ppo_atari.os, "_exit", exit_now)
     saved = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
         for signum in (signal.SIGINT, signal.SIGTERM):

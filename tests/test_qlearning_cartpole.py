@@ -244,6 +244,11 @@ def test_a_second_signal_aborts_without_saving(workdir, monkeypatch):
         return real_epsilon_greedy(*args)
 
     monkeypatch.setattr(qlearning_cartpole, "epsilon_greedy", signalled_twice_at_the_third_step)
+
+    def exit_now(code: int):  # the abort's os._exit, as an exception this process survives
+        raise SystemExit(code)
+
+    monkeypatch.setattr(qlearning_cartpole.os, "_exit", exit_now)
     with pytest.raises(SystemExit) as exit_info:
         qlearning_cartpole.main(qlearning_cartpole.parse_args([*TINY]))
     assert exit_info.value.code == 130
