@@ -520,6 +520,8 @@ def main(args: Args) -> None:
     lives = infos["lives"]
     # True where the env's previous step ended a game: its next step is the autoreset step.
     next_is_autoreset = np.zeros(args.num_envs, dtype=bool)
+    # The gradients' mean over the torchrun ranks (alone: left as they are).
+    average_over_ranks = functools.partial(mean_over_ranks, ranks=ranks)
 
     for iteration in range(start_iteration, num_iterations + 1):
         previous_step = global_step
@@ -562,7 +564,7 @@ def main(args: Args) -> None:
         b_advantages = advantages.flatten()
         stats = update(
             agent, optimizer, args, keep, obs.flatten(0, 1), actions.flatten(), logprobs.flatten(),
-            b_advantages, b_returns, b_values, functools.partial(mean_over_ranks, ranks=ranks),
+            b_advantages, b_returns, b_values, average_over_ranks,
         )  # fmt: skip
 
         # Logging, the NaN check, the progress bar, checkpoints and stop signals (a non-finite loss
