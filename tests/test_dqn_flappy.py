@@ -6,6 +6,7 @@ import importlib.util
 import re
 import signal
 import sys
+import time
 from pathlib import Path
 
 import cv2
@@ -603,12 +604,21 @@ def test_sigterm_while_pygame_renders_saves_and_exits_143(run_script):
 
 
 def test_a_second_signal_aborts_without_saving(run_script):
-    # Four CNN updates of 256 frames per iteration make an iteration last a second or more, so
-    # the second Ctrl-C, 0.2 s after the first, arrives before the iteration ends.
+    # Four CNN updates of 256 frames per iteration make an iteration last a second or more (1.7 s
+    # on 2 cores). A checkpoint is written at an iteration's end, just before the loop reads the
+    # stop flag, so the first Ctrl-C waits 0.4 s after the first checkpoint appears: both it and
+    # the second, 0.2 s later, then land inside the next iteration, far from its ends.
+    first_seen = []
+
+    def mid_iteration(workdir) -> bool:
+        if not first_seen and has_periodic_checkpoint(workdir):
+            first_seen.append(time.monotonic())
+        return bool(first_seen) and time.monotonic() - first_seen[0] >= 0.4
+
     result = run_script(
         SCRIPT, *PIXELS_CARTPOLE, "--num-envs", "4", "--batch-size", "256",
         "--learning-starts", "0", "--train-frequency", "1", "--checkpoint-freq", "8",
-        interrupt_when=has_periodic_checkpoint, interrupt_signals=(signal.SIGINT, signal.SIGINT),
+        interrupt_when=mid_iteration, interrupt_signals=(signal.SIGINT, signal.SIGINT),
         timeout=180,
     )  # fmt: skip
     assert result.returncode == 130, result.describe()
