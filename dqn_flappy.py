@@ -1138,6 +1138,27 @@ def load_checkpoint(path: str, resume: bool = False) -> dict:
     return checkpoint
 
 
+# Copied from ppo_cartpole.py: start_wandb
+def start_wandb(args: Args, run_name: str) -> None:
+    """With --track: a W&B run that mirrors the TensorBoard log and records the arguments."""
+    import hashlib
+
+    import wandb
+
+    wandb.init(
+        project=args.wandb_project_name,
+        entity=args.wandb_entity,
+        group=args.wandb_group or args.exp_name,
+        name=run_name,
+        # The id follows from the run name, so a resumed run continues the same W&B run.
+        id=hashlib.sha256(run_name.encode()).hexdigest()[:16],
+        resume="allow",
+        config=asdict(args),
+        sync_tensorboard=True,
+        save_code=True,
+    )
+
+
 # Copied from ppo_cartpole.py: Run
 class Run:
     """What the training loop does besides the algorithm, behind three calls: the run's name and
@@ -1165,22 +1186,7 @@ class Run:
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, self._on_signal)
         if args.track:
-            import hashlib
-
-            import wandb
-
-            wandb.init(
-                project=args.wandb_project_name,
-                entity=args.wandb_entity,
-                group=args.wandb_group or args.exp_name,
-                name=self.name,
-                # The id follows from the run name, so a resumed run continues the same W&B run.
-                id=hashlib.sha256(self.name.encode()).hexdigest()[:16],
-                resume="allow",
-                config=asdict(args),
-                sync_tensorboard=True,
-                save_code=True,
-            )
+            start_wandb(args, self.name)
         self.writer = SummaryWriter(str(self.dir))
         table = "\n".join(f"|{key}|{value}|" for key, value in asdict(args).items())
         self.writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)
@@ -1205,6 +1211,13 @@ class Run:
         self.signum = signum
         print(f"\n{name}: stopping after this iteration (send it again to abort without saving)",
               file=sys.stderr)  # fmt: skip
+
+    def _exit(self, code: int, message: str) -> NoReturn:
+        """Close the progress bar and the log, print `message` to stderr, exit with `code`."""
+        self.progress.close()
+        self.writer.close()
+        print(message, file=sys.stderr)
+        sys.exit(code)
 
     def restore(self, **objects) -> None:
         """With --resume: load each object's saved state (model=agent, optimizer=...)."""
@@ -1232,13 +1245,9 @@ class Run:
         if not finite:
             path = self.dir / f"{self.checkpoint_path.stem}_nan{self.checkpoint_path.suffix}"
             save_checkpoint(path, state())
-            self.progress.close()
-            self.writer.close()
-            print(f"error: loss became non-finite at step {global_step}; state saved to {path}",
-                  file=sys.stderr)  # fmt: skip
-            sys.exit(1)
-        elapsed = max(time.time() - self.start_time, 1e-6)
-        sps = int((global_step - self.start_step) / elapsed)
+            error = f"error: loss became non-finite at step {global_step}; state saved to {path}"
+            self._exit(1, error)
+        sps = int((global_step - self.start_step) / max(time.time() - self.start_time, 1e-6))
         if crossed(self.args.log_interval, global_step, previous_step):
             for key, value in {**scalars, "charts/SPS": sps}.items():
                 self.writer.add_scalar(key, value, global_step)
@@ -1278,13 +1287,8 @@ class Run:
             if self.args.checkpoint_freq and self.signum is None:
                 save_checkpoint(self.kept_path(global_step), state)
         if self.signum is not None:
-            self.writer.close()
-            resume = (
-                f" (continue with --resume {self.checkpoint_path})" if self.args.save_model else ""
-            )
-            print(f"interrupted at step {global_step}{where}{resume}", file=sys.stderr)
-            sys.exit(128 + self.signum)
-
+            resume = f" (continue with --resume {self.checkpoint_path})" if where else ""
+            self._exit(128 + self.signum, f"interrupted at step {global_step}{where}{resume}")
         video_folder = None
         if self.args.capture_video:
             # A resumed run's evaluation gets a folder of its own: no video overwrites another's.
@@ -1299,11 +1303,9 @@ class Run:
         # (Checked after the evaluation too: Python drops an exception raised inside a garbage
         # collector's callback, such as JAX's, so the signal may have left the evaluation running.)
         if self.signum is not None:
-            self.writer.close()
             name = signal.Signals(self.signum).name
-            print(f"{name}: the final evaluation was stopped at step {global_step}{where}",
-                  file=sys.stderr)  # fmt: skip
-            sys.exit(128 + self.signum)
+            stopped = f"{name}: the final evaluation was stopped at step {global_step}{where}"
+            self._exit(128 + self.signum, stopped)
         self.evaluating = False
         for key, values in per_episode.items():
             for episode, value in enumerate(values):
