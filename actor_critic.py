@@ -914,7 +914,7 @@ class Run:
         print(f"\n{name}: stopping after this iteration (send it again to abort without saving)",
               file=sys.stderr)  # fmt: skip
 
-    def _exit(self, code: int, message: str) -> NoReturn:
+    def _close_and_exit(self, code: int, message: str) -> NoReturn:
         """Close the progress bar and the log, print `message` to stderr, exit with `code`."""
         self.progress.close()
         self.writer.close()
@@ -948,7 +948,7 @@ class Run:
             path = self.dir / f"{self.checkpoint_path.stem}_nan{self.checkpoint_path.suffix}"
             save_checkpoint(path, state())
             error = f"error: loss became non-finite at step {global_step}; state saved to {path}"
-            self._exit(1, error)
+            self._close_and_exit(1, error)
         sps = int((global_step - self.start_step) / max(time.time() - self.start_time, 1e-6))
         if crossed(self.args.log_interval, global_step, previous_step):
             for key, value in {**scalars, "charts/SPS": sps}.items():
@@ -990,7 +990,8 @@ class Run:
                 save_checkpoint(self.kept_path(global_step), state)
         if self.signum is not None:
             resume = f" (continue with --resume {self.checkpoint_path})" if where else ""
-            self._exit(128 + self.signum, f"interrupted at step {global_step}{where}{resume}")
+            interrupted = f"interrupted at step {global_step}{where}{resume}"
+            self._close_and_exit(128 + self.signum, interrupted)
         video_folder = None
         if self.args.capture_video:
             # A resumed run's evaluation gets a folder of its own: no video overwrites another's.
@@ -1007,7 +1008,7 @@ class Run:
         if self.signum is not None:
             name = signal.Signals(self.signum).name
             stopped = f"{name}: the final evaluation was stopped at step {global_step}{where}"
-            self._exit(128 + self.signum, stopped)
+            self._close_and_exit(128 + self.signum, stopped)
         self.evaluating = False
         for key, values in per_episode.items():
             for episode, value in enumerate(values):
