@@ -5,8 +5,9 @@
 Plays the network the checkpoint delivers (its best greedy evaluation, as --eval-checkpoint plays
 it) greedily on the first episode of the final evaluation's seeds. Left, the game as it draws
 itself; right, the newest of the stacked 84x84 grayscale frames the network acted on, 3x larger.
-Every --every-th game frame is kept (the game runs at 30 frames a second), for at most --seconds
-seconds of play, so that the file stays small (the last line says its size).
+One frame is kept per --every agent steps (an agent step is the checkpoint's --action-repeat game
+frames; the game runs at 30 a second), for at most --seconds seconds of play, so that the file
+stays small (the last line says its size).
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("checkpoint", help="a dqn_flappy.py checkpoint trained with pixels")
     parser.add_argument("--out", type=Path, default=Path("dqn_flappy_pixels.gif"))
     parser.add_argument("--seconds", type=float, default=20.0, help="most seconds of play kept")
-    parser.add_argument("--every", type=int, default=2, help="keep one game frame in this many")
+    parser.add_argument("--every", type=int, default=1, help="keep one agent step in this many")
     options = parser.parse_args(argv)
     os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
     sys.path.insert(0, str(ROOT))
@@ -64,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     env = dqn_flappy.make_env(args, render=True)
     obs, _ = env.reset(seed=args.seed + dqn_flappy.EVAL_SEED_OFFSET)
     frames, pipes, done = [], 0, False
-    for step in range(int(options.seconds * 30)):
+    frames_per_step = args.action_repeat  # game frames per agent step
+    for step in range(int(options.seconds * 30 / frames_per_step)):
         if step % options.every == 0:
             frames.append(side_by_side(env.render(), obs[-1]))
         with torch.inference_mode():
@@ -78,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     options.out.parent.mkdir(parents=True, exist_ok=True)
     images[0].save(
         options.out, save_all=True, append_images=images[1:], loop=0, optimize=True,
-        duration=round(1000 * options.every / 30),
+        duration=round(1000 * options.every * frames_per_step / 30),
     )  # fmt: skip
     ended = "the episode ended" if done else f"stopped after {options.seconds:g} s"
     size = options.out.stat().st_size / 1e6

@@ -178,6 +178,65 @@ def test_truncated_transitions_bootstrap_and_terminated_ones_do_not():
     ) and terminated_target.item() == pytest.approx(0.1)
 
 
+@pytest.mark.parametrize("repeat", [1, 2, 3])
+def test_action_repeat_plays_each_action_for_its_frames_and_sums_their_rewards(repeat):
+    """The slow way: the bare game, stepped frame by frame, the same action `repeat` times (fewer
+    when the episode ends first). The wrapped env must give the sums and the last frame's state,
+    and RecordEpisodeStatistics, beneath the repeat, the episode's length in frames."""
+    args = dqn_flappy.Args(action_repeat=repeat, max_episode_steps=10_000)
+    env = dqn_flappy.make_env(args)
+    bare = gym.make("FlappyBird-v0", max_episode_steps=10_000, **dqn_flappy.env_kwargs(args))
+    obs, _ = env.reset(seed=3)
+    expected_obs, _ = bare.reset(seed=3)
+    rng, frames, agent_steps = np.random.default_rng(0), 0, 0
+    for _ in range(3):  # episodes: the random bird dies within a few seconds
+        done = False
+        while not done:
+            action = int(rng.random() < 0.15)
+            obs, reward, terminated, truncated, info = env.step(action)
+            expected_reward = 0.0
+            for _ in range(repeat):
+                expected_obs, frame_reward, expected_terminated, _, expected_info = bare.step(
+                    action
+                )
+                expected_reward, frames = expected_reward + frame_reward, frames + 1
+                if expected_terminated:
+                    break
+            agent_steps += 1
+            np.testing.assert_allclose(obs, expected_obs, rtol=1e-6)
+            assert reward == pytest.approx(expected_reward) and terminated == expected_terminated
+            assert info["score"] == expected_info["score"]
+            done = terminated or truncated
+        assert info["episode"]["l"] == frames  # frames, not agent steps
+        obs, _ = env.reset()
+        expected_obs, _ = bare.reset()
+        frames = 0
+    assert agent_steps > 30
+
+
+def test_one_agent_step_discounts_gamma_to_the_power_of_its_frames(monkeypatch):
+    """dqn_update hands td_targets the discount of an agent step: gamma per game frame, over its
+    --action-repeat frames."""
+    discounts = []
+    real_td_targets = dqn_flappy.td_targets
+
+    def recording_td_targets(rewards, terminated, next_q_target, next_q_online, gamma):
+        discounts.append(gamma)
+        return real_td_targets(rewards, terminated, next_q_target, next_q_online, gamma)
+
+    monkeypatch.setattr(dqn_flappy, "td_targets", recording_td_targets)
+    rb = dqn_flappy.ReplayBuffer(16, 2, (4,), np.float32, None)
+    for step in range(8):
+        zeros = np.zeros(2, dtype=np.bool_)
+        rb.add(np.full((2, 4), step, np.float32), np.zeros(2, int), np.ones(2), zeros, zeros)
+    q_network = dqn_flappy.QNetwork((4,), 2, hidden_size=8)
+    optimizer = torch.optim.Adam(q_network.parameters())
+    for repeat in (1, 3):
+        args = dqn_flappy.Args(env_id="CartPole-v1", gamma=0.9, action_repeat=repeat, batch_size=4)
+        dqn_flappy.dqn_update(q_network, q_network, optimizer, rb, args, torch.device("cpu"))
+    assert discounts == [pytest.approx(0.9), pytest.approx(0.9**3)]
+
+
 def test_linear_epsilon_schedule():
     values = [dqn_flappy.linear_schedule(1.0, 0.05, 100, step) for step in (0, 50, 100, 1000)]
     np.testing.assert_allclose(values, [1.0, 0.525, 0.05, 0.05])
@@ -696,7 +755,7 @@ def test_pixels_mode_trains_on_stacked_frames_and_records_video(run_script):
 def test_pixels_are_the_screen_shrunk_to_the_network_size_without_render():
     """The fast path (the game's own surface, shrunk in pygame) gives the frame that render(),
     a crop, grayscale and cv2's area resize give, within a few grey levels of rounding."""
-    args = dqn_flappy.Args(obs_type="pixels")
+    args = dqn_flappy.Args(obs_type="pixels", action_repeat=1)  # frame by frame, as render()
     fast = dqn_flappy.make_env(args)
     slow = gym.make("FlappyBird-v0", render_mode="rgb_array", **dqn_flappy.env_kwargs(args))
     fast_obs, _ = fast.reset(seed=5)

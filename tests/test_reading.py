@@ -16,7 +16,7 @@ BANNER = "# Plumbing:"
 ABOVE_BANNER = {
     "ppo_cartpole.py": 485,
     "actor_critic.py": 435,
-    "dqn_flappy.py": 645,
+    "dqn_flappy.py": 670,
     "qlearning_cartpole.py": 280,
     "ppo_atari.py": 605,
     "ppo_drone.py": 620,
