@@ -230,8 +230,8 @@ def make_env(args: Args, render: bool = False) -> gym.Env:
                    max_episode_steps=args.max_episode_steps, **env_kwargs(args))  # fmt: skip
     env = gym.wrappers.RecordEpisodeStatistics(env)  # beneath the repeat: lengths in frames
     if args.action_repeat > 1:
-        # Pixels: an agent step is 2 game frames (15 decisions a second). The bird moves at most
-        # ~10 pixels a frame and a gap is 100 high, so a flap timed to 2 frames still passes it.
+        # Pixels hold each action 2 frames (15 decisions a second). The bird moves at most ~10
+        # pixels a frame and a gap is 100 high, so a flap timed to 2 frames still passes it.
         env = ActionRepeat(env, args.action_repeat)
     if pixels:
         env = PixelObservation(env)  # drawn once per agent step, after the repeated frames

@@ -43,8 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("checkpoint", help="a dqn_flappy.py checkpoint trained with pixels")
     parser.add_argument("--out", type=Path, default=Path("dqn_flappy_pixels.gif"))
-    parser.add_argument("--seconds", type=float, default=20.0, help="most seconds of play kept")
-    parser.add_argument("--every", type=int, default=1, help="keep one agent step in this many")
+    parser.add_argument("--seconds", type=float, default=10.0, help="most seconds of play kept")
+    parser.add_argument("--every", type=int, default=2, help="keep one agent step in this many")
     options = parser.parse_args(argv)
     os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
     sys.path.insert(0, str(ROOT))
@@ -65,8 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     env = dqn_flappy.make_env(args, render=True)
     obs, _ = env.reset(seed=args.seed + dqn_flappy.EVAL_SEED_OFFSET)
     frames, pipes, done = [], 0, False
-    frames_per_step = args.action_repeat  # game frames per agent step
-    for step in range(int(options.seconds * 30 / frames_per_step)):
+    for step in range(int(options.seconds * 30 / args.action_repeat)):  # 30 game frames a s
         if step % options.every == 0:
             frames.append(side_by_side(env.render(), obs[-1]))
         with torch.inference_mode():
@@ -80,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     options.out.parent.mkdir(parents=True, exist_ok=True)
     images[0].save(
         options.out, save_all=True, append_images=images[1:], loop=0, optimize=True,
-        duration=round(1000 * options.every * frames_per_step / 30),
+        duration=round(1000 * options.every * args.action_repeat / 30),
     )  # fmt: skip
     ended = "the episode ended" if done else f"stopped after {options.seconds:g} s"
     size = options.out.stat().st_size / 1e6
