@@ -26,10 +26,13 @@ each run wrote and writes into `--out`:
   summary line on stdout says (`done: <step> steps in <seconds>s (...`, the last line every script
   prints for a finished run); a run that printed none gets no steps and a warning, not a guess.
 
-`--add` keeps the runs already in `--out` (other seeds of the same scripts, run earlier by this
-tool) and tables and plots them with the new ones, so that a long experiment lands seed by seed:
-`--seeds 1 --out X`, then `--seeds 2 --out X --add`, and so on; each run's own record
-(`run.json` in its folder) gives its wall time.
+Each run also leaves a record in `--out` that is small enough to commit, while `runs/` is not:
+its entry in `runs.json` (launch time, wall time, final step, error) and
+`<script>_seed-<S>_scalars.csv`, the scalars this tool plots and tables (tag, step, wall time,
+value). `--add` reads these records back for the runs already in `--out` (other seeds of the same
+scripts) and tables and plots them with the new ones, so that a long experiment lands seed by seed,
+on any machine with a clone of the records: `--seeds 1 --out X`, then `--seeds 2 --out X --add`,
+and so on. Without `--add`, the new runs replace the record.
 
 `--peers` adds the Stable-Baselines3 counterparts where they run here: SB3 PPO beside ppo_cartpole
 and SB3 A2C beside actor_critic, each with the RL-Zoo settings for CartPole-v1 and the same seeds,
@@ -200,31 +203,57 @@ def run_one(args: argparse.Namespace, script: str, seed: int) -> RunResult:
             stderr.seek(0)
             tail = "\n".join(stderr.read().strip().splitlines()[-5:])
             result.error = f"exit status {process.returncode}: {tail}"
-    return finish_reading(result)
-
-
-def finish_reading(result: RunResult) -> RunResult:
-    """Read a finished run's scalars and summary line from its folder, and leave its record."""
-    record = {"launched": result.launched, "wall_s": result.wall, "error": result.error}
-    (result.workdir / "run.json").write_text(json.dumps(record))
     if result.error is None:
-        result.scalars = read_scalars(result.workdir)
-        result.final_step = reported_final_step((result.workdir / "stdout.log").read_text())
+        result.scalars = read_scalars(workdir)
+        result.final_step = reported_final_step((workdir / "stdout.log").read_text())
     return result
 
 
+def recorded_tags(script: str) -> list[str]:
+    """The scalars this tool plots and tables for a script: those its record keeps."""
+    tags = ["charts/episodic_return", "eval/episodic_return"]
+    if script in EXTRA_CURVES:
+        tags.append(EXTRA_CURVES[script][0])
+    return tags + [key for key, _ in EXTRA_EVALS.get(script, ())]
+
+
+def scalars_record(args: argparse.Namespace, script: str, seed: int) -> Path:
+    return args.out / f"{script}_seed-{seed}_scalars.csv"
+
+
+def write_scalars_record(args: argparse.Namespace, run: RunResult) -> None:
+    with open(scalars_record(args, run.script, run.seed), "w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(["tag", "step", "wall_time", "value"])
+        for tag in recorded_tags(run.script):
+            for step, wall_time, value in run.scalars.get(tag, []):
+                writer.writerow([tag, step, f"{wall_time:.3f}", repr(value)])
+
+
 def earlier_runs(args: argparse.Namespace, jobs: list[tuple[str, int]]) -> list[RunResult]:
-    """--add: the runs of the same scripts already in --out, other than those run now."""
+    """--add: the runs of the same scripts recorded in --out, other than those run now."""
+    record_path = args.out / "runs.json"
+    if not record_path.exists():
+        return []
+    scripts = {script for script, _ in jobs}
     runs = []
-    for script in dict.fromkeys(script for script, _ in jobs):
-        for record in sorted((args.out / "runs" / script).glob("seed-*/run.json")):
-            seed = int(record.parent.name.removeprefix("seed-"))
-            if (script, seed) in jobs:
+    for record in json.loads(record_path.read_text()):
+        script, seed = record["script"], record["seed"]
+        if script not in scripts or (script, seed) in jobs:
+            continue
+        run = RunResult(script, seed, workdir_of(args, script, seed))
+        run.wall, run.launched, run.error = record["wall_s"], record["launched"], record["error"]
+        run.final_step = record.get("steps")
+        if run.error is None:
+            path = scalars_record(args, script, seed)
+            if not path.exists():
+                print(f"warning: {script} seed {seed} left out: no {path}", file=sys.stderr)
                 continue
-            saved = json.loads(record.read_text())
-            result = RunResult(script, seed, record.parent, saved["wall_s"], saved["launched"])
-            result.error = saved["error"]
-            runs.append(finish_reading(result))
+            with open(path, newline="") as file:
+                for row in csv.DictReader(file):
+                    point = (int(row["step"]), float(row["wall_time"]), float(row["value"]))
+                    run.scalars.setdefault(row["tag"], []).append(point)
+        runs.append(run)
     return runs
 
 
@@ -503,8 +532,17 @@ def main(argv: list[str] | None = None) -> int:
             results.append(result)
             progress.update(1)
             progress.set_postfix_str(f"{result.script} seed {result.seed}", refresh=True)
+    for result in results:
+        if result.error is None:
+            write_scalars_record(args, result)
     if args.add:
         results = earlier_runs(args, jobs) + results
+    else:  # the new runs replace the record: no earlier seed's scalars are left beside them
+        kept = {scalars_record(args, run.script, run.seed) for run in results}
+        for script, _ in jobs:
+            for path in args.out.glob(f"{script}_seed-*_scalars.csv"):
+                if path not in kept:
+                    path.unlink()
     for result in results:
         if result.error:
             print(
@@ -528,6 +566,7 @@ def main(argv: list[str] | None = None) -> int:
             "seed": run.seed,
             "wall_s": run.wall,
             "launched": run.launched,
+            "steps": run.final_step,
             "error": run.error,
         }
         for run in results

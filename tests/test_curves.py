@@ -6,6 +6,7 @@ import csv
 import importlib.util
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -198,22 +199,48 @@ def test_a_rerun_into_the_same_out_replaces_the_earlier_run_and_says_so(tmp_path
     assert "replacing the earlier run in --out of qlearning_cartpole seed 1" in printed, printed
 
 
-def test_add_tables_a_new_seed_with_the_runs_already_in_out(tmp_path, capsys):
-    """Each seed lands as it ends: --add keeps the earlier seeds' runs (their own records and
-    events) and tables and plots them with the new one; without --add, only the new one."""
+def read_scalars_record(path) -> dict[str, list[tuple[int, float]]]:
+    scalars: dict[str, list[tuple[int, float]]] = {}
+    with open(path, newline="") as file:
+        for row in csv.DictReader(file):
+            scalars.setdefault(row["tag"], []).append((int(row["step"]), float(row["value"])))
+    return scalars
+
+
+def test_add_tables_a_new_seed_with_the_runs_recorded_in_out(tmp_path, monkeypatch):
+    """Each seed lands as it ends, on any machine: --add reads the earlier seeds back from the
+    records --out keeps beside its figures (runs.json and each run's scalars CSV; runs/ is not
+    committed) and tables and plots them with the new one; without --add, only the new one."""
     curves = load_curves()
     out = tmp_path / "out"
     argv = ["--scripts", "qlearning_cartpole", "--total-timesteps", "2000", "--out", str(out)]
     assert curves.main([*argv, "--seeds", "1", "--", "--eval-episodes", "2"]) == 0
     first = read_rows(out)
+    events = read_scalars(out / "runs" / "qlearning_cartpole" / "seed-1" / "runs")
+    recorded = read_scalars_record(out / "qlearning_cartpole_seed-1_scalars.csv")
+    assert sorted(recorded) == ["charts/episodic_return", "eval/episodic_return"]
+    for tag, points in recorded.items():
+        assert [step for step, _ in points] == [step for step, _ in events[tag]]
+        assert np.allclose([value for _, value in points], [value for _, value in events[tag]])
+    shutil.rmtree(out / "runs")  # as on a fresh clone: the records alone are left
+
+    plotted = {}
+    plot_script = curves.plot_script
+
+    def record_plot(script, runs, path):
+        plotted.update({run.seed: run.scalars for run in runs})
+        plot_script(script, runs, path)
+
+    monkeypatch.setattr(curves, "plot_script", record_plot)
     assert curves.main([*argv, "--seeds", "2", "--add", "--", "--eval-episodes", "2"]) == 0
     rows = {row["seed"]: row for row in read_rows(out)}
     assert sorted(rows) == ["1", "2"]
-    assert rows["1"] == first[0]  # the earlier run as it was tabled, wall time included
-    for seed, row in rows.items():
-        workdir = out / "runs" / "qlearning_cartpole" / f"seed-{seed}"
-        returns = [value for _, value in read_scalars(workdir / "runs")["eval/episodic_return"]]
-        assert float(row["eval_return"]) == pytest.approx(np.mean(returns))
+    assert rows["1"] == first[0]  # the earlier run as it was tabled: steps and wall time included
+    workdir = out / "runs" / "qlearning_cartpole" / "seed-2"
+    returns = [value for _, value in read_scalars(workdir / "runs")["eval/episodic_return"]]
+    assert float(rows["2"]["eval_return"]) == pytest.approx(np.mean(returns))
+    curve = [(step, value) for step, _, value in plotted[1]["charts/episodic_return"]]
+    assert curve == recorded["charts/episodic_return"]
     table = (out / "results.md").read_text()
     assert table.startswith(
         "Seeds 1, 2; default settings, --total-timesteps 2000, --eval-episodes 2"
@@ -221,3 +248,6 @@ def test_add_tables_a_new_seed_with_the_runs_already_in_out(tmp_path, capsys):
     assert "1: " in table and "2: " in table
     assert curves.main([*argv, "--seeds", "3", "--", "--eval-episodes", "2"]) == 0
     assert [row["seed"] for row in read_rows(out)] == ["3"]
+    assert [path.name for path in out.glob("*_scalars.csv")] == [
+        "qlearning_cartpole_seed-3_scalars.csv"
+    ]
