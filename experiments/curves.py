@@ -27,7 +27,7 @@ each run wrote and writes into `--out`:
   prints for a finished run); a run that printed none gets no steps and a warning, not a guess.
 
 Each run also leaves a record in `--out` that is small enough to commit, while `runs/` is not:
-its entry in `runs.json` (launch time, wall time, final step, error) and
+its entry in `runs.json` (launch time, wall time, final step, settings, error) and
 `<script>_seed-<S>_scalars.csv`, the scalars this tool plots and tables (tag, step, wall time,
 value). `--add` reads these records back for the runs already in `--out` (other seeds of the same
 scripts) and tables and plots them with the new ones, so that a long experiment lands seed by seed,
@@ -155,6 +155,7 @@ class RunResult:
     wall: float = 0.0
     launched: float = 0.0
     final_step: int | None = None  # from the run's summary line; None where it printed none
+    settings: str = ""  # what the run was given beyond the defaults and its seed
     error: str | None = None
     scalars: dict[str, Points] = field(default_factory=dict)  # by tag
 
@@ -176,6 +177,12 @@ def command_for(args: argparse.Namespace, script: str, seed: int, workdir: Path)
     return command + args.extra
 
 
+def settings_of(args: argparse.Namespace) -> str:
+    """What this call gives every run beyond the defaults and the seed, as the table says."""
+    budget = f"--total-timesteps {args.total_timesteps}" if args.total_timesteps else ""
+    return ", ".join(part for part in (budget, " ".join(args.extra)) if part)
+
+
 def workdir_of(args: argparse.Namespace, script: str, seed: int) -> Path:
     return args.out / "runs" / script / f"seed-{seed}"
 
@@ -187,7 +194,7 @@ def run_one(args: argparse.Namespace, script: str, seed: int) -> RunResult:
     if workdir.exists():
         shutil.rmtree(workdir)
     workdir.mkdir(parents=True)
-    result = RunResult(script, seed, workdir)
+    result = RunResult(script, seed, workdir, settings=settings_of(args))
     env = {**os.environ, "WANDB_MODE": os.environ.get("WANDB_MODE", "offline")}
     result.launched = time.time()
     with open(workdir / "stdout.log", "w") as stdout, open(workdir / "stderr.log", "w+") as stderr:
@@ -227,7 +234,8 @@ def write_scalars_record(args: argparse.Namespace, run: RunResult) -> None:
         writer.writerow(["tag", "step", "wall_time", "value"])
         for tag in recorded_tags(run.script):
             for step, wall_time, value in run.scalars.get(tag, []):
-                writer.writerow([tag, step, f"{wall_time:.3f}", repr(value)])
+                # TensorBoard keeps float32: its shortest repr reads back to the same value.
+                writer.writerow([tag, step, f"{wall_time:.3f}", str(np.float32(value))])
 
 
 def earlier_runs(args: argparse.Namespace, jobs: list[tuple[str, int]]) -> list[RunResult]:
@@ -243,7 +251,7 @@ def earlier_runs(args: argparse.Namespace, jobs: list[tuple[str, int]]) -> list[
             continue
         run = RunResult(script, seed, workdir_of(args, script, seed))
         run.wall, run.launched, run.error = record["wall_s"], record["launched"], record["error"]
-        run.final_step = record.get("steps")
+        run.final_step, run.settings = record.get("steps"), record.get("settings", "")
         if run.error is None:
             path = scalars_record(args, script, seed)
             if not path.exists():
@@ -251,7 +259,8 @@ def earlier_runs(args: argparse.Namespace, jobs: list[tuple[str, int]]) -> list[
                 continue
             with open(path, newline="") as file:
                 for row in csv.DictReader(file):
-                    point = (int(row["step"]), float(row["wall_time"]), float(row["value"]))
+                    value = float(np.float32(row["value"]))
+                    point = (int(row["step"]), float(row["wall_time"]), value)
                     run.scalars.setdefault(row["tag"], []).append(point)
         runs.append(run)
     return runs
@@ -433,6 +442,7 @@ def table_rows(runs: list[RunResult]) -> list[dict]:
             "script": run.script,
             "seed": run.seed,
             "wall_s": round(run.wall, 3),
+            "settings": run.settings,
             "error": run.error or "",
         }
         if run.error is None:
@@ -458,7 +468,8 @@ def write_table(rows: list[dict], args: argparse.Namespace) -> None:
     columns = ["script", "seed", "steps", "wall_s", "steps_per_s", "eval_return", "eval_return_std"]
     columns += sorted({key for row in rows for key in row if key.startswith("eval/")})
     with open(args.out / "results.csv", "w", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=[*columns, "error"], extrasaction="ignore")
+        fieldnames = [*columns, "settings", "error"]
+        writer = csv.DictWriter(file, fieldnames=fieldnames, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
 
@@ -466,10 +477,16 @@ def write_table(rows: list[dict], args: argparse.Namespace) -> None:
     if args.jobs == 1:
         parallel = "one run at a time"
     seeds = sorted({row["seed"] for row in rows})
+    settings = dict.fromkeys(row["settings"] for row in rows)
+    if len(settings) == 1:  # the same for every run (--add can table runs given other settings)
+        given = "".join(f", {setting}" for setting in settings if setting)
+    else:
+        given = " and, per run, " + "; ".join(
+            f"{row['script']} seed {row['seed']}: {row['settings'] or 'nothing more'}"
+            for row in rows
+        )
     lines = [
-        f"Seeds {', '.join(map(str, seeds))}; default settings"
-        + (f", --total-timesteps {args.total_timesteps}" if args.total_timesteps else "")
-        + (f", {' '.join(args.extra)}" if args.extra else "")
+        f"Seeds {', '.join(map(str, seeds))}; default settings{given}"
         + f"; {parallel} (wall times and steps/s are whole processes).",
         "",
         "| script | final evaluation, mean ± std over seeds | per seed | env steps (mean) "
@@ -567,6 +584,7 @@ def main(argv: list[str] | None = None) -> int:
             "wall_s": run.wall,
             "launched": run.launched,
             "steps": run.final_step,
+            "settings": run.settings,
             "error": run.error,
         }
         for run in results

@@ -210,7 +210,8 @@ def read_scalars_record(path) -> dict[str, list[tuple[int, float]]]:
 def test_add_tables_a_new_seed_with_the_runs_recorded_in_out(tmp_path, monkeypatch):
     """Each seed lands as it ends, on any machine: --add reads the earlier seeds back from the
     records --out keeps beside its figures (runs.json and each run's scalars CSV; runs/ is not
-    committed) and tables and plots them with the new one; without --add, only the new one."""
+    committed) and tables and plots them with the new one, each with the settings it was given;
+    without --add, only the new one."""
     curves = load_curves()
     out = tmp_path / "out"
     argv = ["--scripts", "qlearning_cartpole", "--total-timesteps", "2000", "--out", str(out)]
@@ -232,22 +233,31 @@ def test_add_tables_a_new_seed_with_the_runs_recorded_in_out(tmp_path, monkeypat
         plot_script(script, runs, path)
 
     monkeypatch.setattr(curves, "plot_script", record_plot)
-    assert curves.main([*argv, "--seeds", "2", "--add", "--", "--eval-episodes", "2"]) == 0
+    assert curves.main([*argv, "--seeds", "2", "--add", "--", "--eval-episodes", "3"]) == 0
     rows = {row["seed"]: row for row in read_rows(out)}
     assert sorted(rows) == ["1", "2"]
     assert rows["1"] == first[0]  # the earlier run as it was tabled: steps and wall time included
     workdir = out / "runs" / "qlearning_cartpole" / "seed-2"
     returns = [value for _, value in read_scalars(workdir / "runs")["eval/episodic_return"]]
+    assert len(returns) == 3
     assert float(rows["2"]["eval_return"]) == pytest.approx(np.mean(returns))
+    assert rows["2"]["settings"] == "--total-timesteps 2000, --eval-episodes 3"
     curve = [(step, value) for step, _, value in plotted[1]["charts/episodic_return"]]
     assert curve == recorded["charts/episodic_return"]
     table = (out / "results.md").read_text()
     assert table.startswith(
-        "Seeds 1, 2; default settings, --total-timesteps 2000, --eval-episodes 2"
-    )
+        "Seeds 1, 2; default settings and, per run, "
+        "qlearning_cartpole seed 1: --total-timesteps 2000, --eval-episodes 2; "
+        "qlearning_cartpole seed 2: --total-timesteps 2000, --eval-episodes 3; "
+    ), table
     assert "1: " in table and "2: " in table
     assert curves.main([*argv, "--seeds", "3", "--", "--eval-episodes", "2"]) == 0
     assert [row["seed"] for row in read_rows(out)] == ["3"]
+    assert (
+        (out / "results.md")
+        .read_text()
+        .startswith("Seeds 3; default settings, --total-timesteps 2000, --eval-episodes 2; ")
+    )
     assert [path.name for path in out.glob("*_scalars.csv")] == [
         "qlearning_cartpole_seed-3_scalars.csv"
     ]
