@@ -29,10 +29,10 @@ each run wrote and writes into `--out`:
 Each run also leaves a record in `--out` that is small enough to commit, while `runs/` is not:
 its entry in `runs.json` (launch time, wall time, final step, settings, error) and
 `<script>_seed-<S>_scalars.csv`, the scalars this tool plots and tables (tag, step, wall time,
-value). `--add` reads these records back for the runs already in `--out` (other seeds of the same
-scripts) and tables and plots them with the new ones, so that a long experiment lands seed by seed,
-on any machine with a clone of the records: `--seeds 1 --out X`, then `--seeds 2 --out X --add`,
-and so on. Without `--add`, the new runs replace the record.
+value). `--add` reads these records back for the runs already in `--out` (other seeds, other
+scripts) and tables them with the new ones, plotted beside those of the same script, so that a long
+experiment lands seed by seed, on any machine with a clone of the records: `--seeds 1 --out X`,
+then `--seeds 2 --out X --add`, and so on. Without `--add`, the new runs replace the record.
 
 `--peers` adds the Stable-Baselines3 counterparts where they run here: SB3 PPO beside ppo_cartpole
 and SB3 A2C beside actor_critic, each with the RL-Zoo settings for CartPole-v1 and the same seeds,
@@ -239,15 +239,14 @@ def write_scalars_record(args: argparse.Namespace, run: RunResult) -> None:
 
 
 def earlier_runs(args: argparse.Namespace, jobs: list[tuple[str, int]]) -> list[RunResult]:
-    """--add: the runs of the same scripts recorded in --out, other than those run now."""
+    """--add: the runs recorded in --out, other than those run now."""
     record_path = args.out / "runs.json"
     if not record_path.exists():
         return []
-    scripts = {script for script, _ in jobs}
     runs = []
     for record in json.loads(record_path.read_text()):
         script, seed = record["script"], record["seed"]
-        if script not in scripts or (script, seed) in jobs:
+        if (script, seed) in jobs:
             continue
         run = RunResult(script, seed, workdir_of(args, script, seed))
         run.wall, run.launched, run.error = record["wall_s"], record["launched"], record["error"]
@@ -513,7 +512,8 @@ def write_table(rows: list[dict], args: argparse.Namespace) -> None:
             f"{fmt(mean_of(done, 'wall_s'))} s | {fmt(mean_of(done, 'steps_per_s'), 0)} | "
             f"{'; '.join(more)} |"
         )
-    lines += ["", *(f"![{script}]({script}.png)" for script in dict.fromkeys(args.scripts))]
+    figures = dict.fromkeys([*args.scripts, *(row["script"] for row in rows)])
+    lines += ["", *(f"![{script}]({script}.png)" for script in figures if script in SCRIPTS)]
     (args.out / "results.md").write_text("\n".join(lines) + "\n")
 
 
@@ -554,12 +554,11 @@ def main(argv: list[str] | None = None) -> int:
             write_scalars_record(args, result)
     if args.add:
         results = earlier_runs(args, jobs) + results
-    else:  # the new runs replace the record: no earlier seed's scalars are left beside them
+    else:  # the new runs replace the record: no earlier run's scalars are left beside them
         kept = {scalars_record(args, run.script, run.seed) for run in results}
-        for script, _ in jobs:
-            for path in args.out.glob(f"{script}_seed-*_scalars.csv"):
-                if path not in kept:
-                    path.unlink()
+        for path in args.out.glob("*_seed-*_scalars.csv"):
+            if path not in kept:
+                path.unlink()
     for result in results:
         if result.error:
             print(

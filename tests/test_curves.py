@@ -210,8 +210,8 @@ def read_scalars_record(path) -> dict[str, list[tuple[int, float]]]:
 def test_add_tables_a_new_seed_with_the_runs_recorded_in_out(tmp_path, monkeypatch):
     """Each seed lands as it ends, on any machine: --add reads the earlier seeds back from the
     records --out keeps beside its figures (runs.json and each run's scalars CSV; runs/ is not
-    committed) and tables and plots them with the new one, each with the settings it was given;
-    without --add, only the new one."""
+    committed) and tables and plots them with the new one, each with the settings it was given, and
+    those of another script beside them; without --add, only the new one."""
     curves = load_curves()
     out = tmp_path / "out"
     argv = ["--scripts", "qlearning_cartpole", "--total-timesteps", "2000", "--out", str(out)]
@@ -251,6 +251,19 @@ def test_add_tables_a_new_seed_with_the_runs_recorded_in_out(tmp_path, monkeypat
         "qlearning_cartpole seed 2: --total-timesteps 2000, --eval-episodes 3; "
     ), table
     assert "1: " in table and "2: " in table
+    # Another script added to the same --out is tabled after them, their rows as they were.
+    other = ["--scripts", "actor_critic", "--seeds", "1", "--total-timesteps", "2000"]
+    assert curves.main([*other, "--out", str(out), "--add", "--", "--eval-episodes", "2"]) == 0
+    tabled = read_rows(out)
+    assert [(row["script"], row["seed"]) for row in tabled] == [
+        ("qlearning_cartpole", "1"),
+        ("qlearning_cartpole", "2"),
+        ("actor_critic", "1"),
+    ]
+    assert tabled[:2] == [rows["1"], rows["2"]]
+    table = (out / "results.md").read_text()
+    assert "![actor_critic](actor_critic.png)" in table, table
+    assert "![qlearning_cartpole](qlearning_cartpole.png)" in table, table
     assert curves.main([*argv, "--seeds", "3", "--", "--eval-episodes", "2"]) == 0
     assert [row["seed"] for row in read_rows(out)] == ["3"]
     assert (
